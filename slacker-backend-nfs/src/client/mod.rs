@@ -1,0 +1,1 @@
+//! NFSv4.1/4.2 client subset.

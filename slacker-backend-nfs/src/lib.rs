@@ -1,0 +1,4 @@
+//! NFSv4.2 backend for slacker (work in progress: the protocol client lands first).
+#![forbid(unsafe_code)]
+
+pub mod client;
