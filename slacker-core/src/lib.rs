@@ -7,6 +7,7 @@ pub mod bitmap;
 pub mod block;
 pub mod error;
 pub mod ids;
+pub mod persist;
 
 pub use backend::{
     Backend, BackendExt, BackendInfo, Capabilities, DedupReport, SnapshotStat, Usage,

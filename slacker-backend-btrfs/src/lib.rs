@@ -1,0 +1,1 @@
+//! btrfs backend for slacker (in progress).

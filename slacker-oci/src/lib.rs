@@ -1,0 +1,1 @@
+//! OCI registry push/pull for slacker (in progress).
