@@ -8,6 +8,7 @@ pub mod block;
 pub mod error;
 pub mod ids;
 pub mod persist;
+pub mod worker;
 
 pub use backend::{
     Backend, BackendExt, BackendInfo, Capabilities, DedupReport, SnapshotStat, Usage,

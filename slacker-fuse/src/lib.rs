@@ -1,0 +1,1 @@
+//! FUSE data path for slacker volumes (in progress).
