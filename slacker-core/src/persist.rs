@@ -223,7 +223,9 @@ mod tests {
     fn write_is_atomic_at_every_crash_point() {
         let dir = tempfile::tempdir().unwrap();
         let count = CrashPlan::never();
-        let s = DirStore::open(dir.path()).unwrap().with_crash_plan(count.clone());
+        let s = DirStore::open(dir.path())
+            .unwrap()
+            .with_crash_plan(count.clone());
         s.write("doc", b"old").unwrap();
         let base = count.points();
         s.write("doc", b"new").unwrap();
@@ -231,15 +233,27 @@ mod tests {
         assert_eq!(per_write, 4);
         for n in 0..per_write {
             let d = tempfile::tempdir().unwrap();
-            DirStore::open(d.path()).unwrap().write("doc", b"old").unwrap();
+            DirStore::open(d.path())
+                .unwrap()
+                .write("doc", b"old")
+                .unwrap();
             let plan = CrashPlan::crash_at(n);
-            let s = DirStore::open(d.path()).unwrap().with_crash_plan(plan.clone());
+            let s = DirStore::open(d.path())
+                .unwrap()
+                .with_crash_plan(plan.clone());
             let err = s.write("doc", b"new").unwrap_err();
             assert!(err.to_string().contains("injected crash"));
             let again = DirStore::open(d.path()).unwrap();
             let got = again.read("doc").unwrap().unwrap();
-            assert!(got == b"old" || got == b"new", "torn document after crash at {n}");
-            assert_eq!(again.list().unwrap(), vec!["doc".to_string()], "temp left behind");
+            assert!(
+                got == b"old" || got == b"new",
+                "torn document after crash at {n}"
+            );
+            assert_eq!(
+                again.list().unwrap(),
+                vec!["doc".to_string()],
+                "temp left behind"
+            );
         }
     }
 
