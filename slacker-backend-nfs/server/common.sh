@@ -56,3 +56,11 @@ kernel_version() {
 }
 
 qemu_bin() { echo "$ROOT/usr/bin/qemu-system-x86_64"; }
+
+# True if the qemu whose pid is in $RUN/qemu.pid is alive and is ours
+# (pids get reused: check its command line).
+vm_alive() {
+  local pid
+  pid=$(cat "$RUN/qemu.pid" 2>/dev/null) || return 1
+  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-name nfsvm"
+}

@@ -15,11 +15,6 @@ exec 9>"$RUN/.lock"
 flock 9
 export NFSVM_LOCK_HELD=1   # for stop.sh, called below on failure
 
-vm_alive() {
-  local pid
-  pid=$(cat "$RUN/qemu.pid" 2>/dev/null) || return 1
-  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-name nfsvm"
-}
 if vm_alive && [[ -f "$RUN/port" ]]; then
   log "already running (pid $(cat "$RUN/qemu.pid"))"
   cat "$RUN/port"
@@ -71,7 +66,15 @@ fwd="hostfwd=tcp:127.0.0.1:$port-:2049"
 opts="${NFSVM_EXPORT_OPTS:-}"
 
 t0=$(date +%s.%N)
-"$(qemu_bin)" \
+# The daemonized qemu must inherit neither our lock (fd 9) nor any pipe of
+# the caller (a test harness waiting for its output would never see EOF):
+# close every descriptor above 2 in a subshell, then exec qemu.
+(
+for fd in /proc/$BASHPID/fd/*; do
+  fd=${fd##*/}
+  if ((fd > 2)); then eval "exec $fd>&-"; fi
+done
+exec "$(qemu_bin)" \
   -name nfsvm \
   -machine q35 "${accel_opts[@]}" -smp "$cpus" -m "$NFSVM_MEM" \
   -nodefaults -no-user-config -display none -vga none -no-reboot \
@@ -84,6 +87,10 @@ t0=$(date +%s.%N)
   -device virtio-net-pci,netdev=n0,romfile= \
   -serial file:"$RUN/console.log" \
   -daemonize -pidfile "$RUN/qemu.pid"
+) </dev/null >/dev/null 2>"$RUN/qemu.stderr" || {
+  cat "$RUN/qemu.stderr" >&2
+  die "qemu failed to start"
+}
 
 # NFS NULL procedure (program 100003, version 4) over TCP: proves knfsd
 # answers through the forward (a bare TCP connect would not: slirp accepts

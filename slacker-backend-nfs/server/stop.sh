@@ -13,8 +13,7 @@ pidf="$RUN/qemu.pid"
 if [[ -f "$pidf" ]]; then
   pid=$(cat "$pidf")
   # Only signal the process if it is still our qemu (pids get reused).
-  if [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] &&
-     tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-name nfsvm"; then
+  if vm_alive; then
     kill -TERM "$pid"
     for _ in $(seq 50); do [[ -e "/proc/$pid" ]] || break; sleep 0.1; done
     if [[ -e "/proc/$pid" ]]; then kill -KILL "$pid"; fi

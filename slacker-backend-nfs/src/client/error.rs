@@ -288,10 +288,7 @@ mod tests {
             op: "CLONE",
             status: Nfs4Status::NotSupp,
         };
-        assert_eq!(
-            e.to_string(),
-            "NFS CLONE failed: NFS4ERR_NOTSUPP (10004)"
-        );
+        assert_eq!(e.to_string(), "NFS CLONE failed: NFS4ERR_NOTSUPP (10004)");
         assert!(e.is_not_supported());
     }
 }

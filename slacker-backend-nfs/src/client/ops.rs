@@ -314,7 +314,7 @@ pub enum OpenClaim {
 
 /// One operation of a COMPOUND request.
 #[derive(Debug, Clone)]
-#[allow(missing_docs)]
+#[allow(missing_docs, dead_code)] // the protocol layer offers more than the API uses
 pub enum Op {
     Sequence {
         session: [u8; 16],
@@ -479,7 +479,11 @@ impl Op {
                 highest_slot,
                 cache_this,
             } => {
-                e.fixed(session).u32(*seqid).u32(*slot).u32(*highest_slot).bool(*cache_this);
+                e.fixed(session)
+                    .u32(*seqid)
+                    .u32(*slot)
+                    .u32(*highest_slot)
+                    .bool(*cache_this);
             }
             Op::ExchangeId {
                 verifier,
@@ -601,7 +605,11 @@ impl Op {
                 maxcount,
                 attrs,
             } => {
-                e.u64(*cookie).fixed(verifier).u32(*dircount).u32(*maxcount).u32_array(attrs);
+                e.u64(*cookie)
+                    .fixed(verifier)
+                    .u32(*dircount)
+                    .u32(*maxcount)
+                    .u32_array(attrs);
             }
             Op::Allocate {
                 stateid,
@@ -714,7 +722,7 @@ pub struct RawDirEntry {
 
 /// The result of one successful operation.
 #[derive(Debug, Clone)]
-#[allow(missing_docs)]
+#[allow(missing_docs, dead_code)] // decoded in full, not all used
 pub enum OpRes {
     Sequence(SequenceRes),
     ExchangeId {
@@ -809,7 +817,9 @@ fn decode_delegation(d: &mut Decoder) -> Result<Option<StateId>> {
             }
             Ok(None)
         }
-        t => Err(Error::Protocol(format!("OPEN: unknown delegation type {t}"))),
+        t => Err(Error::Protocol(format!(
+            "OPEN: unknown delegation type {t}"
+        ))),
     }
 }
 
@@ -836,7 +846,11 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
                     d.u32_array(8)?;
                     d.u32_array(8)?;
                 }
-                p => return Err(Error::Protocol(format!("EXCHANGE_ID: unsupported state protection {p}"))),
+                p => {
+                    return Err(Error::Protocol(format!(
+                        "EXCHANGE_ID: unsupported state protection {p}"
+                    )));
+                }
             }
             d.u64()?; // so_minor_id
             d.opaque(OPAQUE_LIMIT)?; // so_major_id
@@ -870,7 +884,10 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
             let _rflags = d.u32()?;
             d.u32_array(8)?;
             let delegation = decode_delegation(d)?;
-            OpRes::Open { stateid, delegation }
+            OpRes::Open {
+                stateid,
+                delegation,
+            }
         }
         CLOSE => {
             StateId::decode(d)?;
@@ -886,7 +903,9 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
             committed: d.u32()?,
             verifier: d.array()?,
         },
-        COMMIT => OpRes::Commit { verifier: d.array()? },
+        COMMIT => OpRes::Commit {
+            verifier: d.array()?,
+        },
         CREATE => {
             skip_change_info(d)?;
             d.u32_array(8)?;
@@ -912,7 +931,11 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
                 let cookie = d.u64()?;
                 let name = d.string(OPAQUE_LIMIT * 4)?;
                 let attrs = Attrs::decode(d)?;
-                entries.push(RawDirEntry { cookie, name, attrs });
+                entries.push(RawDirEntry {
+                    cookie,
+                    name,
+                    attrs,
+                });
             }
             let eof = d.bool()?;
             OpRes::ReadDir {
@@ -924,7 +947,9 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
         COPY => {
             let callbacks = d.u32()?;
             if callbacks > 0 {
-                return Err(Error::Protocol("COPY: the server answered asynchronously".into()));
+                return Err(Error::Protocol(
+                    "COPY: the server answered asynchronously".into(),
+                ));
             }
             let r = OpRes::Copy {
                 count: d.u64()?,
@@ -941,12 +966,17 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
         },
         PUTFH | PUTROOTFH | LOOKUP | SAVEFH | RESTOREFH | DESTROY_SESSION | DESTROY_CLIENTID
         | RECLAIM_COMPLETE | ALLOCATE | DEALLOCATE | CLONE | DELEGRETURN => OpRes::Done,
-        c => return Err(Error::Protocol(format!("cannot decode result of operation {c}"))),
+        c => {
+            return Err(Error::Protocol(format!(
+                "cannot decode result of operation {c}"
+            )));
+        }
     })
 }
 
-/// Encodes COMPOUND arguments (tag empty).
-pub fn encode_compound(minor: u32, ops: &[Op]) -> Bytes {
+/// Encodes COMPOUND arguments (tag empty): `first` (e.g. SEQUENCE), if
+/// any, then `ops`.
+pub fn encode_compound(minor: u32, first: Option<&Op>, ops: &[Op]) -> Bytes {
     let size: usize = ops
         .iter()
         .map(|o| match o {
@@ -954,9 +984,10 @@ pub fn encode_compound(minor: u32, ops: &[Op]) -> Bytes {
             _ => 64,
         })
         .sum();
-    let mut e = Encoder::with_capacity(size + 16);
-    e.str("").u32(minor).u32(ops.len() as u32);
-    for op in ops {
+    let mut e = Encoder::with_capacity(size + 128);
+    let n = ops.len() + usize::from(first.is_some());
+    e.str("").u32(minor).u32(n as u32);
+    for op in first.into_iter().chain(ops) {
         op.encode(&mut e);
     }
     e.finish()
@@ -979,7 +1010,10 @@ pub fn decode_compound(body: Bytes, ops: &[Op]) -> Result<CompoundReply> {
     d.opaque(OPAQUE_LIMIT)?; // tag
     let n = d.u32()? as usize;
     if n > ops.len() {
-        return Err(Error::Protocol(format!("COMPOUND: {n} results for {} operations", ops.len())));
+        return Err(Error::Protocol(format!(
+            "COMPOUND: {n} results for {} operations",
+            ops.len()
+        )));
     }
     let mut results = Vec::with_capacity(n);
     for op in ops.iter().take(n) {
@@ -1051,7 +1085,12 @@ mod tests {
         let mut list = Encoder::default();
         list.u32(1).u64(4096).u64(77).u64(8192);
         let mut e = Encoder::default();
-        e.u32_array(&bitmap(&[attr::TYPE, attr::SIZE, attr::FILEID, attr::SPACE_USED]));
+        e.u32_array(&bitmap(&[
+            attr::TYPE,
+            attr::SIZE,
+            attr::FILEID,
+            attr::SPACE_USED,
+        ]));
         e.opaque(&list.finish());
         let a = Attrs::decode(&mut Decoder::new(e.finish())).unwrap();
         assert_eq!(a.file_type, Some(FileType::Regular));

@@ -70,7 +70,7 @@ type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Bytes>>>>;
 /// One TCP connection to the server.
 #[derive(Debug)]
 pub struct RpcConn {
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::UnboundedSender<(Bytes, Bytes)>,
     pending: Pending,
     next_xid: AtomicU32,
     dead: Arc<AtomicBool>,
@@ -104,9 +104,10 @@ impl RpcConn {
             }
             Ok(Ok(s)) => s,
         };
-        stream
-            .set_nodelay(true)
-            .map_err(|source| Error::Io { op: "CONNECT", source })?;
+        stream.set_nodelay(true).map_err(|source| Error::Io {
+            op: "CONNECT",
+            source,
+        })?;
         let (rd, wr) = stream.into_split();
         let pending: Pending = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
@@ -138,12 +139,18 @@ impl RpcConn {
     /// Starts a call: `args` is the procedure's argument body. Returns the
     /// xid and a receiver for the reply body (the part after the RPC reply
     /// header), or `Disconnected`.
-    fn send(&self, prog: u32, vers: u32, proc_: u32, args: &[u8]) -> Result<(u32, oneshot::Receiver<Bytes>), CallFailure> {
+    fn send(
+        &self,
+        prog: u32,
+        vers: u32,
+        proc_: u32,
+        args: Bytes,
+    ) -> Result<(u32, oneshot::Receiver<Bytes>), CallFailure> {
         if self.is_dead() {
             return Err(CallFailure::Disconnected);
         }
         let xid = self.next_xid.fetch_add(1, Ordering::Relaxed);
-        let mut e = Encoder::with_capacity(args.len() + 128);
+        let mut e = Encoder::with_capacity(128);
         e.u32(0); // record mark, patched below
         e.u32(xid).u32(0 /* CALL */).u32(2 /* RPC version */);
         e.u32(prog).u32(vers).u32(proc_);
@@ -158,10 +165,9 @@ impl RpcConn {
         e.u32(AUTH_SYS).opaque(&cred);
         // verifier: AUTH_NONE
         e.u32(AUTH_NONE).u32(0);
-        e.raw(args);
-        let len = u32::try_from(e.len() - 4).map_err(|_| CallFailure::Disconnected)?;
+        let len = u32::try_from(e.len() - 4 + args.len()).map_err(|_| CallFailure::Disconnected)?;
         e.patch_u32(0, len | LAST_FRAGMENT);
-        let rec = e.finish();
+        let rec = (e.finish(), args);
 
         let (rtx, rrx) = oneshot::channel();
         self.pending_map().insert(xid, rtx);
@@ -188,7 +194,7 @@ impl RpcConn {
         prog: u32,
         vers: u32,
         proc_: u32,
-        args: &[u8],
+        args: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, CallFailure> {
         let (xid, rx) = self.send(prog, vers, proc_, args)?;
@@ -203,9 +209,24 @@ impl RpcConn {
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>, dead: Arc<AtomicBool>) {
-    while let Some(rec) = rx.recv().await {
-        if wr.write_all(&rec).await.is_err() {
+async fn write_loop(
+    wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<(Bytes, Bytes)>,
+    dead: Arc<AtomicBool>,
+) {
+    // Small records are coalesced in the buffer; large payloads bypass it.
+    let mut wr = tokio::io::BufWriter::with_capacity(64 << 10, wr);
+    while let Some(mut rec) = rx.recv().await {
+        let ok = loop {
+            if wr.write_all(&rec.0).await.is_err() || wr.write_all(&rec.1).await.is_err() {
+                break false;
+            }
+            match rx.try_recv() {
+                Ok(next) => rec = next,
+                Err(_) => break wr.flush().await.is_ok(),
+            }
+        };
+        if !ok {
             dead.store(true, Ordering::Release);
             break;
         }
@@ -226,7 +247,10 @@ async fn read_records(rd: &mut OwnedReadHalf, pending: &Pending) -> io::Result<(
         let mark = rd.read_u32().await?;
         let len = (mark & !LAST_FRAGMENT) as usize;
         if record.len() + len > MAX_RECORD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "RPC record too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "RPC record too large",
+            ));
         }
         let start = record.len();
         record.resize(start + len, 0);
@@ -244,7 +268,10 @@ async fn read_records(rd: &mut OwnedReadHalf, pending: &Pending) -> io::Result<(
             // A call from the server (back channel): none was negotiated.
             continue;
         }
-        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&xid);
+        let waiter = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&xid);
         if let Some(w) = waiter {
             let _ = w.send(rec);
         }
@@ -266,7 +293,9 @@ pub fn parse_reply(rec: Bytes) -> Result<Bytes> {
                     let n = d.remaining();
                     Ok(d.fixed(n - n % 4)?)
                 }
-                1 => Err(Error::Protocol("RPC: program unavailable (not an NFS server?)".into())),
+                1 => Err(Error::Protocol(
+                    "RPC: program unavailable (not an NFS server?)".into(),
+                )),
                 2 => {
                     let lo = d.u32()?;
                     let hi = d.u32()?;
@@ -275,7 +304,9 @@ pub fn parse_reply(rec: Bytes) -> Result<Bytes> {
                     )))
                 }
                 3 => Err(Error::Protocol("RPC: procedure unavailable".into())),
-                4 => Err(Error::Protocol("RPC: server could not decode the arguments (GARBAGE_ARGS)".into())),
+                4 => Err(Error::Protocol(
+                    "RPC: server could not decode the arguments (GARBAGE_ARGS)".into(),
+                )),
                 5 => Err(Error::Protocol("RPC: system error on the server".into())),
                 s => Err(Error::Protocol(format!("RPC: unknown accept status {s}"))),
             }
@@ -316,7 +347,9 @@ mod tests {
             let (a, b) = body.split_at(10);
             s.write_all(&(a.len() as u32).to_be_bytes()).await.unwrap();
             s.write_all(a).await.unwrap();
-            s.write_all(&((b.len() as u32) | LAST_FRAGMENT).to_be_bytes()).await.unwrap();
+            s.write_all(&((b.len() as u32) | LAST_FRAGMENT).to_be_bytes())
+                .await
+                .unwrap();
             s.write_all(b).await.unwrap();
         }
     }
@@ -326,15 +359,28 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let srv = tokio::spawn(fake_server(l));
-        let c = RpcConn::connect(addr, Duration::from_secs(5), AuthSys::default()).await.unwrap();
+        let c = RpcConn::connect(addr, Duration::from_secs(5), AuthSys::default())
+            .await
+            .unwrap();
         for i in 0..3u32 {
-            let rec = c.call(1, 2, 3, &i.to_be_bytes(), Duration::from_secs(5)).await.unwrap();
+            let rec = c
+                .call(
+                    1,
+                    2,
+                    3,
+                    Bytes::copy_from_slice(&i.to_be_bytes()),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
             let body = parse_reply(rec).unwrap();
             assert_eq!(&body[..], &i.to_be_bytes());
         }
         srv.abort();
         let _ = srv.await;
-        let r = c.call(1, 2, 3, &[0; 4], Duration::from_secs(5)).await;
+        let r = c
+            .call(1, 2, 3, Bytes::from_static(&[0; 4]), Duration::from_secs(5))
+            .await;
         assert_eq!(r, Err(CallFailure::Disconnected));
         assert!(c.is_dead());
     }
@@ -348,9 +394,19 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(s);
         });
-        let c = RpcConn::connect(addr, Duration::from_secs(5), AuthSys::default()).await.unwrap();
+        let c = RpcConn::connect(addr, Duration::from_secs(5), AuthSys::default())
+            .await
+            .unwrap();
         let t = std::time::Instant::now();
-        let r = c.call(1, 2, 3, &[0; 4], Duration::from_millis(200)).await;
+        let r = c
+            .call(
+                1,
+                2,
+                3,
+                Bytes::from_static(&[0; 4]),
+                Duration::from_millis(200),
+            )
+            .await;
         assert_eq!(r, Err(CallFailure::TimedOut));
         assert!(t.elapsed() < Duration::from_secs(2));
     }

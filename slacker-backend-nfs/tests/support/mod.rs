@@ -1,0 +1,149 @@
+//! Test support: finds or starts the knfsd test server VM (server/*.sh).
+//!
+//! - `SLACKER_NFS_ADDR=host:port`: use that server; nothing is started or
+//!   stopped. `guest_exec` then uses `server/guest-exec.sh` with the caller's
+//!   `NFSVM_RUN` (default run directory).
+//! - Otherwise `server/test-vm.sh acquire <pid>` is run once per test
+//!   process: it installs and builds the VM on first use (root only), starts
+//!   it unless it is already running, and shares it between concurrently
+//!   running test binaries (lock file in the run directory). A detached
+//!   watcher stops the VM a few seconds after the last test process exits,
+//!   if a test started it; a VM started by hand is left running.
+//! - When no server can be had (not root, no apt/qemu), each test prints
+//!   `SKIPPED: <reason>` and returns, except under `CI=true`, where that
+//!   is a failure.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A usable server.
+#[derive(Debug)]
+pub struct Server {
+    /// `host:port` of the NFS server.
+    pub addr: String,
+    /// Run directory of the VM (for `guest-exec.sh`), if known.
+    pub run_dir: Option<String>,
+}
+
+fn scripts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("server")
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn find() -> Result<Server, String> {
+    if let Ok(addr) = std::env::var("SLACKER_NFS_ADDR") {
+        if !addr.is_empty() {
+            return Ok(Server {
+                addr,
+                run_dir: std::env::var("NFSVM_RUN").ok(),
+            });
+        }
+    }
+    let script = scripts().join("test-vm.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("acquire")
+        .arg(std::process::id().to_string())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    if out.status.code() == Some(77) {
+        let reason = stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("SKIPPED: "))
+            .unwrap_or("test-vm.sh cannot run the server here");
+        return Err(reason.to_owned());
+    }
+    if !out.status.success() {
+        panic!(
+            "{} acquire failed ({}):\n{stderr}",
+            script.display(),
+            out.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+            .map(str::to_owned)
+    };
+    let addr = get("NFSVM_NFS_ADDR").ok_or_else(|| format!("no NFSVM_NFS_ADDR in {stdout:?}"))?;
+    Ok(Server {
+        addr,
+        run_dir: get("NFSVM_RUN"),
+    })
+}
+
+/// The shared server, or `None` after printing `SKIPPED: ...` (panics
+/// instead under `CI=true`).
+pub fn server() -> Option<&'static Server> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    match SERVER.get_or_init(find) {
+        Ok(s) => Some(s),
+        Err(reason) if in_ci() => panic!("no NFS test server under CI=true: {reason}"),
+        Err(reason) => {
+            // Once per process on the real stderr (the test harness captures
+            // print!/eprint!), and in each test's captured output.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+            });
+            println!("SKIPPED: {reason}");
+            None
+        }
+    }
+}
+
+/// Runs a shell command in the server VM (`server/guest-exec.sh`).
+pub fn guest_exec(server: &Server, cmd: &str) -> Result<String, String> {
+    let mut c = Command::new("bash");
+    c.arg(scripts().join("guest-exec.sh")).arg(cmd);
+    if let Some(r) = &server.run_dir {
+        c.env("NFSVM_RUN", r);
+    }
+    let out = c.output().map_err(|e| format!("guest-exec.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "guest-exec.sh failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A fresh directory name for one test (unique per process and test).
+pub fn unique_dir(test: &str) -> String {
+    static RUN: OnceLock<String> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("t{}-{}", std::process::id(), t.as_millis())
+    });
+    format!("{run}/{test}")
+}
+
+/// Deterministic pseudo-random bytes (xorshift).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
