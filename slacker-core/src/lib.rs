@@ -18,3 +18,4 @@ pub use bitmap::BlockBitmap;
 pub use block::{BlockIndex, BlockRange, BlockSize};
 pub use error::{Error, ErrorKind, ObjectKind, Result};
 pub use ids::{LayerId, SnapshotId, VolumeId};
+pub use worker::{BlockCache, LazyVolume, LazyVolumeOptions, Metrics};

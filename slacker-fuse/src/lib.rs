@@ -1,1 +1,40 @@
-//! FUSE data path for slacker volumes (in progress).
+//! Mount and run a slacker volume: a [`LazyVolume`](slacker_core::worker::LazyVolume)
+//! exposed as one file, `disk.img`, through FUSE, so the ext4 inside can be loop-mounted
+//! and a container process started in it with `chroot`.
+//!
+//! ```text
+//!  chroot <root> /bin/sh            process
+//!        │ files
+//!  ext4 on <root>                   mount -t ext4 /dev/loopN <root>
+//!        │ blocks
+//!  /dev/loopN                       losetup -f --show --direct-io=on <fuse>/disk.img
+//!        │ reads/writes (up to 1 MiB)
+//!  FuseSession: <fuse>/disk.img     fuser, direct IO, block_on(LazyVolume::{read_at, write_at})
+//!        │
+//!  LazyVolume + shared BlockCache   slacker_core::worker
+//!        │
+//!  Backend (mem, nfs, ...)
+//! ```
+//!
+//! A btrfs volume skips FUSE: its file ([`Backend::local_path`](slacker_core::Backend::local_path))
+//! is loop-mounted directly ([`Mount::local_file`], chosen by [`Mount::for_volume`]).
+//!
+//! - [`FuseSession`]: serves `disk.img`; its docs say what happens when the serving
+//!   process dies (acknowledged writes are already in the backend).
+//! - [`Mount`]: the guard for FUSE + loop + ext4 with ordered teardown (unmount ext4,
+//!   detach the loop device, stop FUSE), also on drop and on failed setup.
+//! - [`mount_and_run`]: mount, run one command, tear down.
+//!
+//! Everything needs root (`mount(2)` on `/dev/fuse`, `losetup`, `mount`); no
+//! `fusermount` is needed.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod fs;
+mod mount;
+mod session;
+mod sys;
+
+pub use fs::IMAGE_NAME;
+pub use mount::{Mount, MountOptions, mount_and_run};
+pub use session::{FuseOptions, FuseSession, FuseStats};
