@@ -7,6 +7,7 @@ pub mod bitmap;
 pub mod block;
 pub mod error;
 pub mod ids;
+pub mod layer;
 pub mod persist;
 pub mod worker;
 
@@ -18,4 +19,7 @@ pub use bitmap::BlockBitmap;
 pub use block::{BlockIndex, BlockRange, BlockSize};
 pub use error::{Error, ErrorKind, ObjectKind, Result};
 pub use ids::{LayerId, SnapshotId, VolumeId};
+pub use layer::{
+    AppliedLayer, LayerDiff, LayerInfo, LayerKind, LayerStore, LayerStoreOptions, Reference,
+};
 pub use worker::{BlockCache, LazyVolume, LazyVolumeOptions, Metrics};
