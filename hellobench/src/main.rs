@@ -1,0 +1,416 @@
+//! `slacker-hellobench`: build the corpus, measure push / pull / run per image, analyse
+//! compression vs dedup, and write tables, JSON and an SVG chart.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use slacker_hellobench::baseline::Traditional;
+use slacker_hellobench::bench::{self, Plan};
+use slacker_hellobench::corpus::{self, BuiltImage, Store};
+use slacker_hellobench::error::{Context, Error, Result};
+use slacker_hellobench::preflight::{self, Preflight};
+use slacker_hellobench::registry::Registry;
+use slacker_hellobench::report::{self, Host, Results};
+use slacker_hellobench::spec::{Corpus, ImageSpec, Spec};
+use slacker_hellobench::{dedup, progress, sys};
+
+const USAGE: &str = "\
+usage: slacker-hellobench [COMMAND] [OPTIONS]
+
+commands:
+  bench    (default) build/reuse the corpus, measure push/pull/run, dedup analysis, write results
+  corpus   build/reuse the corpus only, and print build times and sizes
+  dedup    compression vs dedup analysis (Figure 7) only
+  check    say what this host can run and what is missing
+  report   re-render results.md and results.svg from a results.json (--from FILE)
+
+options:
+  --corpus reduced|full   which images (default: full; reduced = just `shell`, for CI)
+  --only a,b              only these images (names from images.json)
+  --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
+                          SLACKER_CACHE defaults to /var/cache/slacker)
+  --reps N                repetitions per image, median reported (default: 1)
+  --images FILE           another images.json (default: the one built into the binary)
+  --work DIR              scratch directory for registry, worker, containers
+                          (default: /var/tmp/slacker-hellobench-<pid>; removed at the end)
+  --rebuild               corpus: rebuild the selected images (and the base tree) from scratch
+  --no-dedup              bench: skip the dedup analysis
+  --from FILE             report: the results.json to render
+";
+
+#[derive(Debug, Clone)]
+struct Args {
+    command: String,
+    corpus: Corpus,
+    only: Option<Vec<String>>,
+    out: PathBuf,
+    reps: usize,
+    images: Option<PathBuf>,
+    work: Option<PathBuf>,
+    rebuild: bool,
+    dedup: bool,
+    from: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        command: "bench".into(),
+        corpus: Corpus::Full,
+        only: None,
+        out: corpus::cache_root().join("hellobench/results"),
+        reps: 1,
+        images: None,
+        work: None,
+        rebuild: false,
+        dedup: true,
+        from: None,
+    };
+    let mut it = std::env::args().skip(1);
+    let mut first = true;
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .ok_or_else(|| Error::msg(format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "bench" | "corpus" | "dedup" | "check" | "report" if first => a.command = arg,
+            "--corpus" => {
+                let v = val("--corpus")?;
+                a.corpus = Corpus::parse(&v)
+                    .ok_or_else(|| Error::msg(format!("--corpus {v}: use reduced or full")))?;
+            }
+            "--only" => {
+                a.only = Some(
+                    val("--only")?
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            }
+            "--out" => a.out = val("--out")?.into(),
+            "--reps" => {
+                a.reps = val("--reps")?
+                    .parse()
+                    .map_err(|e| Error::msg(format!("--reps: {e}")))?
+            }
+            "--images" => a.images = Some(val("--images")?.into()),
+            "--work" => a.work = Some(val("--work")?.into()),
+            "--rebuild" => a.rebuild = true,
+            "--no-dedup" => a.dedup = false,
+            "--from" => a.from = Some(val("--from")?.into()),
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => slacker_hellobench::bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+        first = false;
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    slacker_hellobench::elapsed_secs();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("slacker-hellobench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let work = args.work.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "/var/tmp/slacker-hellobench-{}",
+            std::process::id()
+        ))
+    });
+    let cache = Store::new(&corpus::cache_root());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("slacker-hellobench: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let interrupted = Arc::new(tokio::sync::Notify::new());
+    let result = rt.block_on({
+        let args = &args;
+        let interrupted = interrupted.clone();
+        let work = work.clone();
+        async move {
+            tokio::spawn({
+                let interrupted = interrupted.clone();
+                async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        progress!("interrupted: stopping children, then unmounting");
+                        sys::kill_groups(); // before the work future (and its mount guards) is dropped
+                        interrupted.notify_one();
+                    }
+                }
+            });
+            tokio::select! {
+                r = run(args, &work) => r,
+                () = interrupted.notified() => Err(Error::msg("interrupted")),
+            }
+        }
+    });
+    // Whatever happened: nothing of ours stays running or mounted.
+    sys::emergency_cleanup(&[work.as_path(), cache.dir()]);
+    if args.work.is_none() && work.exists() {
+        progress!("removing scratch directory {}", work.display());
+        if let Err(e) = sys::remove_tree(&work) {
+            eprintln!("slacker-hellobench: leaving {}: {e}", work.display());
+        }
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("slacker-hellobench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_missing(pf: &Preflight) {
+    for m in &pf.missing {
+        progress!("{m}");
+    }
+}
+
+/// Build or reuse the corpus as far as this host allows. Returns the images and why others
+/// were skipped.
+fn corpus_for(
+    args: &Args,
+    pf: &Preflight,
+    specs: &[ImageSpec],
+    store: &Store,
+) -> Result<(corpus::CorpusReport, Vec<String>)> {
+    let mut skipped = Vec::new();
+    let cached = store.cached(specs);
+    let buildable: Vec<ImageSpec> = specs
+        .iter()
+        .zip(&cached)
+        .filter(|(s, c)| {
+            let ok = pf.debootstrap || (c.is_some() && !args.rebuild) || (s.packages.is_empty() && pf.busybox);
+            if !ok {
+                skipped.push(format!(
+                    "image {}: not in the cache and cannot be built here (needs root + debootstrap + chroot)",
+                    s.name
+                ));
+            }
+            ok
+        })
+        .map(|(s, _)| s.clone())
+        .collect();
+    if args.rebuild && pf.debootstrap {
+        for s in &buildable {
+            let d = store.dir().join("images");
+            sys::remove_tree(&d.join(&s.name))?;
+            let _ = std::fs::remove_file(d.join(format!("{}.json", s.name)));
+        }
+        sys::remove_tree(&store.dir().join("base"))?;
+        let _ = std::fs::remove_file(store.dir().join("base.json"));
+    }
+    let rep = store.ensure(&buildable, pf.debootstrap)?;
+    Ok((rep, skipped))
+}
+
+async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
+    let pf = preflight::check();
+    if args.command == "check" {
+        println!(
+            "root: {}\nbuild Debian corpus: {}\nbuild busybox shell: {}\npush/pull (registry): {}\nrun containers: {}",
+            pf.root, pf.debootstrap, pf.busybox, pf.registry, pf.run
+        );
+        for m in &pf.missing {
+            println!("{m}");
+        }
+        return Ok(pf.missing.is_empty());
+    }
+    if args.command == "report" {
+        let from = args
+            .from
+            .as_ref()
+            .ok_or_else(|| Error::msg("report needs --from results.json"))?;
+        let r: Results = serde_json::from_slice(
+            &std::fs::read(from).with_context(|| format!("reading {}", from.display()))?,
+        )?;
+        write_results(&r, &args.out, "results")?;
+        return Ok(true);
+    }
+    print_missing(&pf);
+    let spec = match &args.images {
+        Some(p) => Spec::parse(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
+        None => Spec::builtin(),
+    };
+    let specs = spec.select(args.corpus, args.only.as_deref())?;
+    let store = Store::new(&corpus::cache_root());
+    let (_, date) = sys::now_utc();
+    let (cr, mut skipped) = tokio::task::spawn_blocking({
+        let (pf, specs, store) = (pf.clone(), specs.clone(), store.clone());
+        let args = args.clone();
+        move || corpus_for(&args, &pf, &specs, &store)
+    })
+    .await??;
+    for s in &skipped {
+        progress!("skipped: {s}");
+    }
+    progress!(
+        "corpus: {} image(s) ready in {:.1} s this run",
+        cr.images.len(),
+        cr.secs_this_run
+    );
+    if args.command == "corpus" {
+        println!(
+            "| image | packages | files | size (file contents) | allocated | built in | this run |\n|---|---|---:|---:|---:|---:|---|"
+        );
+        if let Some(b) = &cr.base {
+            println!(
+                "| base (debootstrap) | — | {} | {} | {} | {:.1} s | |",
+                b.stats.files,
+                report::fmt_bytes(b.stats.file_bytes),
+                report::fmt_bytes(b.stats.allocated_bytes),
+                b.build_secs
+            );
+        }
+        for i in &cr.images {
+            println!(
+                "| {} | {} | {} | {} | {} | {:.1} s | {} |",
+                i.spec.name,
+                i.spec.packages.join(" "),
+                i.record.stats.files,
+                report::fmt_bytes(i.record.stats.file_bytes),
+                report::fmt_bytes(i.record.stats.allocated_bytes),
+                i.record.build_secs,
+                if i.cached { "cached" } else { "built" }
+            );
+        }
+        println!(
+            "\ncorpus time this run: {:.1} s; cache: {}",
+            cr.secs_this_run,
+            store.dir().display()
+        );
+        return Ok(skipped.is_empty());
+    }
+    let images: Vec<BuiltImage> = cr.images.clone();
+    let timeout = Duration::from_secs(spec.timeout_secs);
+    let mut results = Results {
+        tool: format!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION")),
+        date,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        host: Host::this(),
+        corpus: format!("{:?}", args.corpus).to_lowercase(),
+        corpus_secs_this_run: cr.secs_this_run,
+        base: cr.base.clone(),
+        images: images.iter().map(|i| i.record.clone()).collect(),
+        layering: "traditional path: one flattened layer per image (the whole tree in one tar.gz), \
+                   pushed to an empty repository tag and pulled onto an empty worker"
+            .into(),
+        notes: vec![
+            "timings: wall clock around each phase; sync(2) between phases, untimed".into(),
+            "push: tar + gzip -6 (flate2/miniz_oxide) in memory, sha256, monolithic upload (oci-client 0.18) to docker-registry on 127.0.0.1; the image tree is in the page cache".into(),
+            "pull: fresh client; manifest + config + layer download (digest-verified), then gunzip + untar to the host filesystem (no fsync)".into(),
+            "run: overlayfs lower = unpacked image (host ext4), upper/work on a tmpfs (a different filesystem, AUFS-like copy-up); /proc + bind /dev; chroot; readiness rule from images.json; stop (untimed in cycles) = stop server, unmount /dev, /proc, overlay".into(),
+            "network: loopback, registry on the same 2 CPUs; bytes = blobs + config + manifest, no HTTP headers".into(),
+        ],
+        skipped: Vec::new(),
+        reps: args.reps.max(1),
+        paths: Vec::new(),
+        dedup: None,
+    };
+    let mut ok = skipped.is_empty();
+    let mut layer_stats = std::collections::HashMap::new();
+    if args.command == "bench" && !images.is_empty() {
+        if !pf.registry {
+            skipped.push(
+                "push/pull/run: docker-registry missing (apt-get install -y docker-registry)"
+                    .into(),
+            );
+        } else {
+            if !pf.run {
+                skipped.push("run phase: needs root, chroot, overlayfs and tmpfs (see the missing lines above)".into());
+            }
+            std::fs::create_dir_all(work)
+                .with_context(|| format!("creating {}", work.display()))?;
+            let registry = tokio::task::spawn_blocking({
+                let d = work.join("registry");
+                move || Registry::start(&d)
+            })
+            .await??;
+            let mut trad = Traditional::new(registry.addr(), work, timeout, pf.run)?;
+            let pr = bench::measure(
+                &mut trad,
+                &images,
+                Plan {
+                    reps: args.reps.max(1),
+                    run: pf.run,
+                },
+            )
+            .await;
+            ok &= pr
+                .images
+                .iter()
+                .all(|i| i.reps.iter().all(|r| r.error.is_none()));
+            layer_stats = trad.layer_stats().clone();
+            results.paths.push(pr);
+            drop(trad);
+            drop(registry);
+        }
+    }
+    if args.dedup && (args.command == "dedup" || args.command == "bench") && !images.is_empty() {
+        let imgs = images.clone();
+        let d = tokio::task::spawn_blocking(move || dedup::analyze(&imgs, &layer_stats)).await??;
+        results.dedup = Some(d);
+    }
+    results.skipped = skipped;
+    let prefix = if args.command == "dedup" {
+        "dedup"
+    } else {
+        "results"
+    };
+    write_results(&results, &args.out, prefix)?;
+    Ok(ok)
+}
+
+/// Write `{prefix}.md`, `.json` and (with measurements) `.svg` into `out`, falling back to a
+/// temporary directory when `out` is not writable; print the tables on stdout.
+fn write_results(results: &Results, out: &std::path::Path, prefix: &str) -> Result<()> {
+    let mut out = out.to_path_buf();
+    let probe = out.join(".hellobench-write-test");
+    if let Err(e) = std::fs::create_dir_all(&out).and_then(|()| std::fs::write(&probe, b"")) {
+        let fallback = std::env::temp_dir().join("slacker-hellobench-results");
+        progress!(
+            "cannot create {} ({e}); writing to {} instead (pass --out DIR)",
+            out.display(),
+            fallback.display()
+        );
+        out = fallback;
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    } else {
+        let _ = std::fs::remove_file(&probe);
+    }
+    let md = results.markdown();
+    std::fs::write(out.join(format!("{prefix}.md")), &md)?;
+    std::fs::write(out.join(format!("{prefix}.json")), results.to_json())?;
+    if !results.paths.is_empty() {
+        std::fs::write(out.join(format!("{prefix}.svg")), report::svg(results))?;
+    }
+    println!("{md}");
+    progress!(
+        "wrote {}/{prefix}.{{md,json{}}}",
+        out.display(),
+        if results.paths.is_empty() { "" } else { ",svg" }
+    );
+    Ok(())
+}
