@@ -3,7 +3,7 @@
 //! A backend crate writes a [`Harness`] (how to make a fresh, isolated backend and how to
 //! reopen one) and stamps out the suite with one line:
 //!
-//! ```ignore
+//! ```text
 //! slacker_testkit::conformance_suite!(my_harness()); // my_harness() -> Option<MyHarness>
 //! ```
 //!
