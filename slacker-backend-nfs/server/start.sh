@@ -7,7 +7,21 @@
 # Idempotent: if the VM is already up, prints its port and exits 0.
 # Concurrent calls with the same $NFSVM_RUN are serialized by a lock file, so
 # they share one VM.
+#
+#   start.sh [--keep-disk]
+#
+# --keep-disk: boot on the disk image a previous `stop.sh --keep-disk` left in
+# $RUN (the export keeps its files, as after a server restart or power cut);
+# without it, or when there is no image, the export is a fresh file system.
 source "$(dirname "$0")/common.sh"
+
+keep_disk=0
+for a in "$@"; do
+  case "$a" in
+    --keep-disk) keep_disk=1 ;;
+    *) die "usage: start.sh [--keep-disk]" ;;
+  esac
+done
 
 [[ -f "$BUILD/initramfs.cpio" && -f "$BUILD/vmlinux" ]] || die "run build.sh first"
 mkdir -p "$RUN"
@@ -32,16 +46,21 @@ port=${NFSVM_PORT:-$(pick_port 20490)}
 ctrl=""
 [[ "$NFSVM_CTRL" != 1 ]] || ctrl=$(pick_port $((port + 1)))
 
-# Fresh export filesystem on a sparse raw image (sub-second).
+# Fresh export filesystem on a sparse raw image (sub-second), unless asked to
+# keep the one there.
 disk="$RUN/disk.img"
-rm -f "$disk"
-truncate -s "$NFSVM_DISK_SIZE" "$disk"
-case "$NFSVM_FS" in
-  btrfs) mkfs=(mkfs.btrfs -q -f -K "$disk") ;;
-  xfs)   mkfs=(mkfs.xfs -q -f -K -m reflink=1 "$disk") ;;
-  *) die "NFSVM_FS must be btrfs or xfs" ;;
-esac
-out=$("${mkfs[@]}" 2>&1) || { echo "$out" >&2; die "${mkfs[0]} failed"; }
+if [[ $keep_disk == 1 && -f "$disk" ]]; then
+  log "keeping the existing export disk $disk"
+else
+  rm -f "$disk"
+  truncate -s "$NFSVM_DISK_SIZE" "$disk"
+  case "$NFSVM_FS" in
+    btrfs) mkfs=(mkfs.btrfs -q -f -K "$disk") ;;
+    xfs)   mkfs=(mkfs.xfs -q -f -K -m reflink=1 "$disk") ;;
+    *) die "NFSVM_FS must be btrfs or xfs" ;;
+  esac
+  out=$("${mkfs[@]}" 2>&1) || { echo "$out" >&2; die "${mkfs[0]} failed"; }
+fi
 
 # KVM only helps with hardware virtualization (vmx/svm). Some hosts expose a
 # /dev/kvm that is a paravirtual nested hypervisor (e.g. kvm_pvm) on which a

@@ -31,7 +31,7 @@
 //! ```
 
 mod error;
-mod ops;
+pub(crate) mod ops;
 mod rpc;
 mod session;
 pub mod xdr;
@@ -96,7 +96,7 @@ impl Default for ClientOptions {
 
 /// An NFSv4 file handle (opaque, valid as long as the object exists).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FileHandle(Fh);
+pub struct FileHandle(pub(crate) Fh);
 
 impl FileHandle {
     /// The handle's bytes.
@@ -126,17 +126,21 @@ pub struct Metadata {
     pub modified: SystemTime,
 }
 
+fn nfs_time(t: Option<(i64, u32)>) -> SystemTime {
+    match t {
+        Some((s, ns)) if s >= 0 => {
+            SystemTime::UNIX_EPOCH + Duration::new(s as u64, ns.min(999_999_999))
+        }
+        Some((s, _)) => SystemTime::UNIX_EPOCH
+            .checked_sub(Duration::from_secs(s.unsigned_abs()))
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+        None => SystemTime::UNIX_EPOCH,
+    }
+}
+
 impl Metadata {
     fn from_attrs(a: &Attrs) -> Self {
-        let modified = match a.time_modify {
-            Some((s, ns)) if s >= 0 => {
-                SystemTime::UNIX_EPOCH + Duration::new(s as u64, ns.min(999_999_999))
-            }
-            Some((s, _)) => SystemTime::UNIX_EPOCH
-                .checked_sub(Duration::from_secs(s.unsigned_abs()))
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-            None => SystemTime::UNIX_EPOCH,
-        };
+        let modified = nfs_time(a.time_modify);
         Self {
             file_type: a.file_type.unwrap_or(FileType::Other(0)),
             size: a.size.unwrap_or(0),
@@ -171,6 +175,10 @@ pub struct DirEntry {
     pub fileid: u64,
     /// Size in bytes.
     pub size: u64,
+    /// Modification time (server clock).
+    pub modified: SystemTime,
+    /// Change time of the inode (server clock): also moves on RENAME and LINK.
+    pub changed: SystemTime,
 }
 
 const META_ATTRS: &[u32] = &[
@@ -330,8 +338,20 @@ impl NfsClient {
         self.inner.lease
     }
 
-    async fn compound(&self, label: &'static str, ops: &[Op]) -> Result<Vec<OpRes>> {
+    /// Runs one COMPOUND (after SEQUENCE). Crate-internal: the backend builds
+    /// its own compounds from [`ops`].
+    pub(crate) async fn compound(&self, label: &'static str, ops: &[Op]) -> Result<Vec<OpRes>> {
         self.inner.session.compound(label, ops).await
+    }
+
+    /// RPCs the session runs at once.
+    pub(crate) fn slots(&self) -> usize {
+        self.inner.session.config().slots as usize
+    }
+
+    /// The server address this client was connected to.
+    pub fn server_addr(&self) -> std::net::SocketAddr {
+        self.inner.session.config().addr
     }
 
     /// Operations that make `comps` the current file handle, leaving room for
@@ -462,6 +482,21 @@ impl NfsClient {
         Bytes::from(format!("slacker-open-{n}"))
     }
 
+    /// An OPEN (read and write, no delegation) of `name` in the current
+    /// directory handle, with a fresh open owner. Crate-internal: for
+    /// compounds that OPEN, use the file and CLOSE it in one round trip.
+    pub(crate) fn open_op(&self, name: String, how: OpenHow) -> Op {
+        Op::Open {
+            share_access: ops::SHARE_ACCESS_READ
+                | ops::SHARE_ACCESS_WRITE
+                | ops::SHARE_ACCESS_WANT_NO_DELEG,
+            clientid: self.inner.session.clientid(),
+            owner: self.new_owner(),
+            how,
+            claim: OpenClaim::Null(name),
+        }
+    }
+
     async fn open_with(&self, path: &str, access: u32, how: OpenHow) -> Result<NfsFile> {
         let (parent, name) = split_parent(path)?;
         let owner = self.new_owner();
@@ -585,6 +620,12 @@ impl NfsClient {
     /// Names (and basic attributes) of the entries of directory `path`.
     pub async fn read_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
         let dir = self.lookup(path).await?;
+        self.read_dir_fh(&dir).await
+    }
+
+    /// Names (and basic attributes) of the entries of the directory with
+    /// handle `dir`.
+    pub async fn read_dir_fh(&self, dir: &FileHandle) -> Result<Vec<DirEntry>> {
         let maxcount = self
             .inner
             .session
@@ -606,7 +647,13 @@ impl NfsClient {
                             verifier,
                             dircount: maxcount / 2,
                             maxcount,
-                            attrs: bitmap(&[attr::TYPE, attr::SIZE, attr::FILEID]),
+                            attrs: bitmap(&[
+                                attr::TYPE,
+                                attr::SIZE,
+                                attr::FILEID,
+                                attr::TIME_METADATA,
+                                attr::TIME_MODIFY,
+                            ]),
                         },
                     ],
                 )
@@ -627,12 +674,28 @@ impl NfsClient {
                     file_type: e.attrs.file_type.unwrap_or(FileType::Other(0)),
                     fileid: e.attrs.fileid.unwrap_or(0),
                     size: e.attrs.size.unwrap_or(0),
+                    modified: nfs_time(e.attrs.time_modify),
+                    changed: nfs_time(e.attrs.time_metadata),
                 });
             }
             if *eof || entries.is_empty() {
                 return Ok(out);
             }
         }
+    }
+
+    /// Makes `to` a new name (hard link) of the existing file `from` (LINK).
+    /// Fails with `NFS4ERR_EXIST` if `to` exists, so a fully written file can
+    /// be published under a name atomically *and* exclusively (RENAME would
+    /// replace an existing name).
+    pub async fn link(&self, from: &str, to: &str) -> Result<()> {
+        let src = self.lookup(from).await?;
+        let (to_dir, new) = split_parent(to)?;
+        let mut ops = self.walk(&to_dir, 3).await?;
+        ops.insert(0, Op::SaveFh);
+        ops.insert(0, Op::PutFh(src.0));
+        ops.push(Op::Link(new));
+        self.compound("LINK", &ops).await.map(drop)
     }
 
     /// Server-side CLONE (RFC 7862 §15.13): makes `count` bytes of `dst` at

@@ -15,6 +15,7 @@ pub mod opnum {
     pub const DELEGRETURN: u32 = 8;
     pub const GETATTR: u32 = 9;
     pub const GETFH: u32 = 10;
+    pub const LINK: u32 = 11;
     pub const LOOKUP: u32 = 15;
     pub const OPEN: u32 = 18;
     pub const PUTFH: u32 = 22;
@@ -54,6 +55,7 @@ pub mod attr {
     pub const MODE: u32 = 33;
     pub const NUMLINKS: u32 = 35;
     pub const SPACE_USED: u32 = 45;
+    pub const TIME_METADATA: u32 = 52;
     pub const TIME_MODIFY: u32 = 53;
 }
 
@@ -108,6 +110,13 @@ impl StateId {
     /// The anonymous stateid (all zeros).
     pub const ANONYMOUS: Self = Self {
         seqid: 0,
+        other: [0; 12],
+    };
+
+    /// The "current stateid" (RFC 8881 §16.2.3.1.2): stands for the stateid
+    /// the previous operation of the same COMPOUND returned (e.g. OPEN's).
+    pub const CURRENT: Self = Self {
+        seqid: 1,
         other: [0; 12],
     };
 
@@ -184,6 +193,8 @@ pub struct Attrs {
     pub numlinks: Option<u32>,
     /// `space_used` in bytes.
     pub space_used: Option<u64>,
+    /// `time_metadata` (seconds, nanoseconds): the inode change time.
+    pub time_metadata: Option<(i64, u32)>,
     /// `time_modify` (seconds, nanoseconds).
     pub time_modify: Option<(i64, u32)>,
 }
@@ -213,6 +224,7 @@ impl Attrs {
                     attr::MODE => a.mode = Some(d.u32()?),
                     attr::NUMLINKS => a.numlinks = Some(d.u32()?),
                     attr::SPACE_USED => a.space_used = Some(d.u64()?),
+                    attr::TIME_METADATA => a.time_metadata = Some((d.i64()?, d.u32()?)),
                     attr::TIME_MODIFY => a.time_modify = Some((d.i64()?, d.u32()?)),
                     // Not requested, size unknown: nothing after it can be decoded.
                     _ => return Ok(a),
@@ -376,6 +388,9 @@ pub enum Op {
         mode: u32,
     },
     Remove(String),
+    /// LINK: a new name `0` in the current (directory) file handle for the
+    /// saved file handle.
+    Link(String),
     Rename {
         old: String,
         new: String,
@@ -448,6 +463,7 @@ impl Op {
             Op::Commit { .. } => COMMIT,
             Op::Mkdir { .. } => CREATE,
             Op::Remove(_) => REMOVE,
+            Op::Link(_) => LINK,
             Op::Rename { .. } => RENAME,
             Op::SetAttr { .. } => SETATTR,
             Op::ReadDir { .. } => READDIR,
@@ -464,7 +480,12 @@ impl Op {
     pub fn is_non_idempotent(&self) -> bool {
         matches!(
             self,
-            Op::Open { .. } | Op::Close(_) | Op::Mkdir { .. } | Op::Remove(_) | Op::Rename { .. }
+            Op::Open { .. }
+                | Op::Close(_)
+                | Op::Mkdir { .. }
+                | Op::Remove(_)
+                | Op::Rename { .. }
+                | Op::Link(_)
         )
     }
 
@@ -521,7 +542,7 @@ impl Op {
             Op::PutFh(fh) => {
                 e.opaque(&fh.0);
             }
-            Op::Lookup(name) | Op::Remove(name) => {
+            Op::Lookup(name) | Op::Remove(name) | Op::Link(name) => {
                 e.str(name);
             }
             Op::GetAttr(bits) => {
@@ -671,6 +692,7 @@ pub fn op_name(code: u32) -> &'static str {
         DELEGRETURN => "DELEGRETURN",
         GETATTR => "GETATTR",
         GETFH => "GETFH",
+        LINK => "LINK",
         LOOKUP => "LOOKUP",
         OPEN => "OPEN",
         PUTFH => "PUTFH",
@@ -911,7 +933,7 @@ fn decode_ok(code: u32, d: &mut Decoder) -> Result<OpRes> {
             d.u32_array(8)?;
             OpRes::Done
         }
-        REMOVE => {
+        REMOVE | LINK => {
             skip_change_info(d)?;
             OpRes::Done
         }

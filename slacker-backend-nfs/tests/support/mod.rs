@@ -147,3 +147,78 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// The backend's test harness: every `fresh()` is a new directory under one
+/// directory per test process; `reopen` is a new backend (a new session) on
+/// the same directory.
+pub struct NfsHarness {
+    /// `host:port`.
+    pub addr: String,
+    prefix: String,
+    /// Extra configuration fields (JSON object members), e.g. `"clone_mode": "copy"`.
+    extra: String,
+}
+
+impl NfsHarness {
+    /// The configuration for directory `dir`, parsed from JSON as a user's would be.
+    pub fn config(&self, dir: &str) -> slacker_backend_nfs::NfsConfig {
+        let json = format!(
+            r#"{{"server": "{}", "dir": "{dir}", "connect_timeout_ms": 10000{}}}"#,
+            self.addr,
+            if self.extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", self.extra)
+            }
+        );
+        serde_json::from_str(&json).expect("valid test configuration")
+    }
+
+    /// A new, empty directory name.
+    pub fn fresh_dir(&self) -> String {
+        // One counter per process: every test builds its own harness.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        format!("{}/{n}", self.prefix)
+    }
+
+    /// A backend on `dir`.
+    pub async fn open(&self, dir: &str) -> slacker_backend_nfs::NfsBackend {
+        slacker_backend_nfs::NfsBuilder::from_config(self.config(dir))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("build NFS backend on {dir}: {e}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl slacker_testkit::Harness for NfsHarness {
+    type Backend = slacker_backend_nfs::NfsBackend;
+
+    async fn fresh(&self) -> Self::Backend {
+        let dir = self.fresh_dir();
+        self.open(&dir).await
+    }
+
+    async fn reopen(&self, backend: Self::Backend) -> Self::Backend {
+        let dir = backend.config().dir.clone();
+        let _ = backend.close().await;
+        drop(backend);
+        self.open(&dir).await
+    }
+}
+
+/// The harness, or `None` after `SKIPPED: ...` (a panic under `CI=true`).
+pub fn harness() -> Option<NfsHarness> {
+    harness_with("backend", "")
+}
+
+/// A harness whose backends get the extra configuration `extra` (JSON members).
+pub fn harness_with(name: &str, extra: &str) -> Option<NfsHarness> {
+    let srv = server()?;
+    Some(NfsHarness {
+        addr: srv.addr.clone(),
+        prefix: unique_dir(name),
+        extra: extra.to_owned(),
+    })
+}
