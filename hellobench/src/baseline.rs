@@ -39,6 +39,9 @@ struct ImageState {
     overlay: Option<Mounts>,
     running: Option<Running>,
     container_dir: Option<PathBuf>,
+    /// Clients for this repetition's push and pull, built untimed in `prepare`.
+    push_client: Option<Client>,
+    pull_client: Option<Client>,
 }
 
 /// The traditional tar + gzip + overlayfs path.
@@ -130,6 +133,14 @@ impl Path for Traditional {
         "baseline"
     }
 
+    async fn prepare(&mut self, image: &BuiltImage) -> Result<Step> {
+        // Fresh clients, built untimed (see `Path::prepare`).
+        let st = self.st(image);
+        st.push_client = Some(client());
+        st.pull_client = Some(client());
+        Ok(Step::default())
+    }
+
     async fn push(&mut self, image: &BuiltImage) -> Result<Step> {
         self.counter += 1;
         let reference: Reference = format!(
@@ -173,8 +184,13 @@ impl Path for Traditional {
         let config_len = config.data.len() as u64;
         let manifest_len = serde_json::to_vec(&manifest)?.len() as u64;
         let digest = manifest.layers[0].digest.clone();
+        let push_client = self
+            .st(image)
+            .push_client
+            .take()
+            .ok_or_else(|| Error::msg("push before prepare"))?;
         let t = Instant::now();
-        client()
+        push_client
             .push(
                 &reference,
                 &layers,
@@ -190,6 +206,7 @@ impl Path for Traditional {
         self.layer_stats.insert(image.spec.name.clone(), stats);
         Ok(Step {
             network_bytes: gz_len + config_len + manifest_len,
+            layer_bytes: Some(gz_len),
             read_bytes: None,
             parts: vec![
                 ("tar+gzip".into(), t_pack),
@@ -206,6 +223,7 @@ impl Path for Traditional {
                     stats.skipped_special, stats.skipped_unreadable
                 ),
             ],
+            ..Step::default()
         })
     }
 
@@ -217,9 +235,15 @@ impl Path for Traditional {
             .ok_or_else(|| Error::msg("pull before push"))?;
         let dst = self.work.join("worker").join(&image.spec.name);
         sys::remove_tree(&dst)?;
+        // A fresh client (built in `prepare`, never used): a new worker has no connection or
+        // token to reuse.
+        let pull_client = self
+            .st(image)
+            .pull_client
+            .take()
+            .ok_or_else(|| Error::msg("pull before prepare"))?;
         let t = Instant::now();
-        // A fresh client: a new worker has no connection or token to reuse.
-        let data = client()
+        let data = pull_client
             .pull(
                 &reference,
                 &RegistryAuth::Anonymous,
@@ -233,14 +257,16 @@ impl Path for Traditional {
             .as_ref()
             .map_or(0, |m| serde_json::to_vec(m).map_or(0, |v| v.len() as u64));
         let mut net = manifest_len + data.config.data.len() as u64;
+        let mut layer_bytes = 0;
         let layers: Vec<_> = data
             .layers
             .into_iter()
             .map(|l| {
-                net += l.data.len() as u64;
+                layer_bytes += l.data.len() as u64;
                 l.data
             })
             .collect();
+        net += layer_bytes;
         let t = Instant::now();
         let d = dst.clone();
         let stats = blocking(move || {
@@ -261,6 +287,7 @@ impl Path for Traditional {
         st.image_bytes = image.record.stats.file_bytes;
         Ok(Step {
             network_bytes: net,
+            layer_bytes: Some(layer_bytes),
             read_bytes: None,
             parts: vec![
                 ("download".into(), t_down),
@@ -270,6 +297,7 @@ impl Path for Traditional {
                 "unpacked {} entries, {} tar bytes",
                 stats.entries, stats.tar_bytes
             )],
+            ..Step::default()
         })
     }
 
@@ -320,6 +348,7 @@ impl Path for Traditional {
                 ("start+ready".into(), total - t_mount),
             ],
             notes: vec![format!("ready: {answer}")],
+            ..Step::default()
         })
     }
 

@@ -33,9 +33,12 @@ pub struct Phase {
     pub step: Step,
 }
 
-/// One push → pull → run → stop sequence.
+/// One (prepare →) push → pull → run → stop sequence.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Rep {
+    /// Untimed set-up before push (not part of any cycle), if the path has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<Phase>,
     /// Push.
     pub push: Option<Phase>,
     /// Pull.
@@ -80,6 +83,27 @@ pub struct Summary {
     pub net_pull_bytes: Option<f64>,
     /// Image bytes read/fetched by the container before it was ready.
     pub read_bytes: Option<f64>,
+    /// Layer blob bytes uploaded by push.
+    #[serde(default)]
+    pub layer_push_bytes: Option<f64>,
+    /// Layer blob bytes downloaded by pull.
+    #[serde(default)]
+    pub layer_pull_bytes: Option<f64>,
+    /// Image bytes fetched from storage during run, until ready.
+    #[serde(default)]
+    pub fetched_bytes: Option<f64>,
+    /// The image's size in storage (volume size).
+    #[serde(default)]
+    pub image_bytes: Option<f64>,
+    /// The image's used bytes in storage.
+    #[serde(default)]
+    pub image_used_bytes: Option<f64>,
+    /// `fetched_bytes / image_bytes`.
+    #[serde(default)]
+    pub fetched_of_image: Option<f64>,
+    /// `fetched_bytes / image_used_bytes`.
+    #[serde(default)]
+    pub fetched_of_used: Option<f64>,
 }
 
 /// One image under one path.
@@ -130,12 +154,36 @@ fn summarize<'a, T: 'a>(items: &'a [T], f: impl Fn(&'a T) -> Summary) -> Summary
         net_push_bytes: median(s.iter().map(|x| x.net_push_bytes)),
         net_pull_bytes: median(s.iter().map(|x| x.net_pull_bytes)),
         read_bytes: median(s.iter().map(|x| x.read_bytes)),
+        layer_push_bytes: median(s.iter().map(|x| x.layer_push_bytes)),
+        layer_pull_bytes: median(s.iter().map(|x| x.layer_pull_bytes)),
+        fetched_bytes: median(s.iter().map(|x| x.fetched_bytes)),
+        image_bytes: median(s.iter().map(|x| x.image_bytes)),
+        image_used_bytes: median(s.iter().map(|x| x.image_used_bytes)),
+        fetched_of_image: median(s.iter().map(|x| x.fetched_of_image)),
+        fetched_of_used: median(s.iter().map(|x| x.fetched_of_used)),
     }
 }
 
 fn rep_summary(r: &Rep) -> Summary {
     let b = |p: &Option<Phase>| p.as_ref().map(|p| p.step.network_bytes as f64);
+    let f = |p: &Option<Phase>, g: fn(&Step) -> Option<u64>| {
+        p.as_ref().and_then(|p| g(&p.step)).map(|v| v as f64)
+    };
+    let fetched = f(&r.run, |s| s.fetched_bytes);
+    let image = f(&r.run, |s| s.image_bytes);
+    let used = f(&r.run, |s| s.image_used_bytes);
+    let frac = |d: Option<f64>| match (fetched, d) {
+        (Some(x), Some(d)) if d > 0.0 => Some(x / d),
+        _ => None,
+    };
     Summary {
+        layer_push_bytes: f(&r.push, |s| s.layer_bytes),
+        layer_pull_bytes: f(&r.pull, |s| s.layer_bytes),
+        fetched_bytes: fetched,
+        image_bytes: image,
+        image_used_bytes: used,
+        fetched_of_image: frac(image),
+        fetched_of_used: frac(used),
         push: r.push.as_ref().map(|p| p.secs),
         pull: r.pull.as_ref().map(|p| p.secs),
         run: r.run.as_ref().map(|p| p.secs),
@@ -168,6 +216,12 @@ fn describe(name: &str, p: &Phase) -> String {
             crate::report::fmt_bytes(p.step.network_bytes)
         );
     }
+    if let Some(f) = p.step.fetched_bytes {
+        s += &format!(" (of which {} fetched lazily)", crate::report::fmt_bytes(f));
+    }
+    if let Some(r) = p.step.read_bytes {
+        s += &format!(", {} read by the container", crate::report::fmt_bytes(r));
+    }
     s
 }
 
@@ -190,6 +244,11 @@ pub async fn measure(path: &mut dyn Path, images: &[BuiltImage], plan: Plan) -> 
             let tag = format!("{name} {} [{}/{}]", img.spec.name, i + 1, plan.reps.max(1));
             let mut rep = Rep::default();
             let r: Result<()> = async {
+                let p = timed(path.prepare(img)).await?;
+                if p.secs >= 0.01 {
+                    crate::progress!("{tag}: {} (untimed)", describe("prepare", &p));
+                }
+                rep.prepare = Some(p);
                 sys::sync_all();
                 let p = timed(path.push(img)).await?;
                 crate::progress!("{tag}: {}", describe("push", &p));

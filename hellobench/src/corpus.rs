@@ -161,6 +161,7 @@ pub struct CorpusReport {
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    busybox: bool,
 }
 
 impl Store {
@@ -168,7 +169,20 @@ impl Store {
     pub fn new(cache_root: &Path) -> Self {
         Self {
             dir: cache_root.join("hellobench"),
+            busybox: false,
         }
+    }
+
+    /// Use (and build) only busybox trees, even where debootstrap is available: the quick
+    /// stand-in for package-less images (`--busybox`, for CI).
+    pub fn with_busybox(mut self, on: bool) -> Self {
+        self.busybox = on;
+        self
+    }
+
+    /// Whether only busybox trees are used.
+    pub fn busybox_only(&self) -> bool {
+        self.busybox
     }
 
     /// The cache directory (for cleanup sweeps).
@@ -185,7 +199,13 @@ impl Store {
         specs
             .iter()
             .map(|s| {
-                for name in [s.name.clone(), format!("{}-busybox", s.name)] {
+                let busybox = format!("{}-busybox", s.name);
+                let names = if self.busybox {
+                    vec![busybox]
+                } else {
+                    vec![s.name.clone(), busybox]
+                };
+                for name in names {
                     let root = self.images_dir().join(&name);
                     if let Some(r) = read_record(&self.images_dir().join(format!("{name}.json")))
                         && r.packages == s.packages
@@ -211,7 +231,7 @@ impl Store {
         std::fs::create_dir_all(self.images_dir())
             .with_context(|| format!("creating {}", self.images_dir().display()))?;
         let cached = self.cached(specs);
-        let source = if debootstrap {
+        let source = if debootstrap && !self.busybox {
             Some(AptSource::from_host()?)
         } else {
             None
@@ -248,7 +268,7 @@ impl Store {
             };
             images.push(img);
         }
-        if base.is_none() {
+        if base.is_none() && !self.busybox {
             base = read_record(&self.dir.join("base.json"));
         }
         Ok(CorpusReport {
@@ -364,34 +384,50 @@ impl Store {
         sys::remove_tree(&partial)?;
         sys::remove_tree(&root)?;
         sys::remove_tree(&dl)?;
-        std::fs::create_dir_all(&dl)?;
-        crate::progress!(
-            "corpus: {}: apt-get download busybox-static (no debootstrap) ...",
-            spec.name
-        );
         let t = Instant::now();
-        sys::run_ok(
-            Command::new("apt-get")
-                .args(["download", "busybox-static"])
-                .current_dir(&dl),
-            APT_TIMEOUT,
-        )
-        .context("apt-get download busybox-static (needs apt package lists: run apt-get update)")?;
-        let deb = std::fs::read_dir(&dl)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .ok_or_else(|| crate::error::Error::msg("apt-get download left no .deb"))?;
-        let x = dl.join("x");
-        sys::run_ok(
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x),
-            Duration::from_secs(120),
-        )?;
+        // The host's static busybox if there is one (no download), else busybox-static's.
+        let binary = match sys::static_busybox() {
+            Some(b) => {
+                crate::progress!(
+                    "corpus: {}: busybox tree from the host's static {}",
+                    spec.name,
+                    b.display()
+                );
+                b
+            }
+            None => {
+                std::fs::create_dir_all(&dl)?;
+                crate::progress!(
+                    "corpus: {}: apt-get download busybox-static (no debootstrap) ...",
+                    spec.name
+                );
+                sys::run_ok(
+                    Command::new("apt-get")
+                        .args(["download", "busybox-static"])
+                        .current_dir(&dl),
+                    APT_TIMEOUT,
+                )
+                .context(
+                    "apt-get download busybox-static (needs apt package lists: run apt-get update)",
+                )?;
+                let deb = std::fs::read_dir(&dl)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .find(|p| p.extension().is_some_and(|e| e == "deb"))
+                    .ok_or_else(|| crate::error::Error::msg("apt-get download left no .deb"))?;
+                let x = dl.join("x");
+                sys::run_ok(
+                    Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x),
+                    Duration::from_secs(120),
+                )?;
+                x.join("bin/busybox")
+            }
+        };
         for d in ["bin", "dev", "proc", "tmp", "etc", "root", "usr/bin", "sys"] {
             std::fs::create_dir_all(partial.join(d))?;
         }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(partial.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
-        std::fs::copy(x.join("bin/busybox"), partial.join("bin/busybox"))?;
+        std::fs::copy(&binary, partial.join("bin/busybox"))?;
         let list = sys::run_ok(
             Command::new(partial.join("bin/busybox")).arg("--list"),
             Duration::from_secs(10),

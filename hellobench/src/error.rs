@@ -44,7 +44,8 @@ from_source!(
     oci_client::errors::OciDistributionError,
     oci_client::ParseError,
     rustix::io::Errno,
-    tokio::task::JoinError
+    tokio::task::JoinError,
+    slacker_core::Error
 );
 
 /// Adds context to errors: `op().context("pushing python3")?`.

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! A [`path::Path`] is one way of distributing images; [`baseline::Traditional`] is tar +
-//! gzip -6 into a real registry, download + gunzip + untar, overlayfs. Phase 2 adds slacker's.
+//! gzip -6 into a real registry, download + gunzip + untar, overlayfs;
+//! [`slacker::SlackerPath`] is slacker's (btrfs snapshots, reference layers through the same
+//! registry, clones run through the kernel's loop device or the lazy worker data path).
 #![forbid(unsafe_code)]
 
 pub mod baseline;
@@ -22,7 +24,9 @@ pub mod path;
 pub mod preflight;
 pub mod registry;
 pub mod report;
+pub mod slacker;
 pub mod spec;
+pub mod storage;
 pub mod sys;
 pub mod tarball;
 pub mod tree;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use slacker_core::worker::LinkProfile;
 use slacker_hellobench::baseline::Traditional;
 use slacker_hellobench::bench::{self, Plan};
 use slacker_hellobench::corpus::{self, BuiltImage, Store};
@@ -13,14 +14,20 @@ use slacker_hellobench::error::{Context, Error, Result};
 use slacker_hellobench::preflight::{self, Preflight};
 use slacker_hellobench::registry::Registry;
 use slacker_hellobench::report::{self, Host, Results};
+use slacker_hellobench::slacker::{Mode, SlackerPath, Storage};
 use slacker_hellobench::spec::{Corpus, ImageSpec, Spec};
+use slacker_hellobench::storage::{self, BtrfsImage};
 use slacker_hellobench::{dedup, progress, sys};
+
+/// Every path, in measuring order.
+const ALL_PATHS: [&str; 3] = ["baseline", "slacker", "slacker-lazy"];
 
 const USAGE: &str = "\
 usage: slacker-hellobench [COMMAND] [OPTIONS]
 
 commands:
-  bench    (default) build/reuse the corpus, measure push/pull/run, dedup analysis, write results
+  bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
+           slacker, slacker-lazy), dedup analysis, write results
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
   check    say what this host can run and what is missing
@@ -32,6 +39,12 @@ options:
   --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
                           SLACKER_CACHE defaults to /var/cache/slacker)
   --reps N                repetitions per image, median reported (default: 1)
+  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy)
+  --link-latency-us N     slacker-lazy: emulated latency per storage request (default 200;
+                          0 with --link-mbit 0 turns the emulated link off)
+  --link-mbit N           slacker-lazy: emulated storage link bandwidth (default 1000; 0 = unlimited)
+  --busybox               use (and build) the busybox stand-in for package-less images even
+                          where debootstrap works; images with packages are skipped (CI)
   --images FILE           another images.json (default: the one built into the binary)
   --work DIR              scratch directory for registry, worker, containers
                           (default: /var/tmp/slacker-hellobench-<pid>; removed at the end)
@@ -52,6 +65,28 @@ struct Args {
     rebuild: bool,
     dedup: bool,
     from: Option<PathBuf>,
+    paths: Vec<String>,
+    link_latency_us: u64,
+    link_mbit: u64,
+    busybox: bool,
+}
+
+impl Args {
+    fn wants(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p == path)
+    }
+
+    /// The emulated link of slacker-lazy (`None`: off).
+    fn link(&self) -> Option<LinkProfile> {
+        match (self.link_latency_us, self.link_mbit) {
+            (0, 0) => None,
+            (us, 0) => Some(LinkProfile::latency_only(Duration::from_micros(us))),
+            (us, mbit) => Some(LinkProfile::new(
+                Duration::from_micros(us),
+                mbit * 1_000_000,
+            )),
+        }
+    }
 }
 
 fn parse_args() -> Result<Args> {
@@ -66,6 +101,10 @@ fn parse_args() -> Result<Args> {
         rebuild: false,
         dedup: true,
         from: None,
+        paths: ALL_PATHS.iter().map(|p| (*p).to_owned()).collect(),
+        link_latency_us: 200,
+        link_mbit: 1000,
+        busybox: false,
     };
     let mut it = std::env::args().skip(1);
     let mut first = true;
@@ -101,6 +140,31 @@ fn parse_args() -> Result<Args> {
             "--rebuild" => a.rebuild = true,
             "--no-dedup" => a.dedup = false,
             "--from" => a.from = Some(val("--from")?.into()),
+            "--paths" => {
+                let v = val("--paths")?;
+                a.paths = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if let Some(bad) = a.paths.iter().find(|p| !ALL_PATHS.contains(&p.as_str())) {
+                    slacker_hellobench::bail!(
+                        "--paths: unknown path {bad:?} (known: {})",
+                        ALL_PATHS.join(", ")
+                    );
+                }
+            }
+            "--link-latency-us" => {
+                a.link_latency_us = val("--link-latency-us")?
+                    .parse()
+                    .map_err(|e| Error::msg(format!("--link-latency-us: {e}")))?
+            }
+            "--link-mbit" => {
+                a.link_mbit = val("--link-mbit")?
+                    .parse()
+                    .map_err(|e| Error::msg(format!("--link-mbit: {e}")))?
+            }
+            "--busybox" => a.busybox = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -161,7 +225,13 @@ fn main() -> ExitCode {
             }
         }
     });
-    // Whatever happened: nothing of ours stays running or mounted.
+    // Whatever happened: nothing of ours stays running or mounted. Innermost first: the
+    // containers and their ext4 mounts, the loop devices on FUSE files and on the btrfs,
+    // FUSE mounts, then the btrfs itself.
+    sys::emergency_cleanup(&[work.as_path()]);
+    storage::detach_loops_under(&work);
+    sys::unmount_under(&work);
+    storage::emergency_cleanup();
     sys::emergency_cleanup(&[work.as_path(), cache.dir()]);
     if args.work.is_none() && work.exists() {
         progress!("removing scratch directory {}", work.display());
@@ -200,7 +270,16 @@ fn corpus_for(
         .iter()
         .zip(&cached)
         .filter(|(s, c)| {
-            let ok = pf.debootstrap || (c.is_some() && !args.rebuild) || (s.packages.is_empty() && pf.busybox);
+            if args.busybox && !s.packages.is_empty() {
+                skipped.push(format!(
+                    "image {}: --busybox stands in only for package-less images",
+                    s.name
+                ));
+                return false;
+            }
+            let ok = (pf.debootstrap && !args.busybox)
+                || (c.is_some() && !args.rebuild)
+                || (s.packages.is_empty() && pf.busybox);
             if !ok {
                 skipped.push(format!(
                     "image {}: not in the cache and cannot be built here (needs root + debootstrap + chroot)",
@@ -211,7 +290,7 @@ fn corpus_for(
         })
         .map(|(s, _)| s.clone())
         .collect();
-    if args.rebuild && pf.debootstrap {
+    if args.rebuild && pf.debootstrap && !args.busybox {
         for s in &buildable {
             let d = store.dir().join("images");
             sys::remove_tree(&d.join(&s.name))?;
@@ -228,8 +307,15 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
     let pf = preflight::check();
     if args.command == "check" {
         println!(
-            "root: {}\nbuild Debian corpus: {}\nbuild busybox shell: {}\npush/pull (registry): {}\nrun containers: {}",
-            pf.root, pf.debootstrap, pf.busybox, pf.registry, pf.run
+            "root: {}\nbuild Debian corpus: {}\nbuild busybox shell: {}\npush/pull (registry): {}\nrun containers (baseline): {}\nslacker push/pull (btrfs, e2fsprogs): {}\nslacker run (loop, ext4): {}\nslacker-lazy run (FUSE): {}",
+            pf.root,
+            pf.debootstrap,
+            pf.busybox,
+            pf.registry,
+            pf.run,
+            pf.slacker,
+            pf.slacker_run,
+            pf.slacker_lazy_run
         );
         for m in &pf.missing {
             println!("{m}");
@@ -255,7 +341,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
         None => Spec::builtin(),
     };
     let specs = spec.select(args.corpus, args.only.as_deref())?;
-    let store = Store::new(&corpus::cache_root());
+    let store = Store::new(&corpus::cache_root()).with_busybox(args.busybox);
     let (_, date) = sys::now_utc();
     let (cr, mut skipped) = tokio::task::spawn_blocking({
         let (pf, specs, store) = (pf.clone(), specs.clone(), store.clone());
@@ -315,7 +401,8 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
         base: cr.base.clone(),
         images: images.iter().map(|i| i.record.clone()).collect(),
         layering: "traditional path: one flattened layer per image (the whole tree in one tar.gz), \
-                   pushed to an empty repository tag and pulled onto an empty worker"
+                   pushed to an empty repository tag and pulled onto an empty worker; slacker paths: \
+                   one flattened ext4 volume per image, pushed as one snapshot-reference layer"
             .into(),
         notes: vec![
             "timings: wall clock around each phase; sync(2) between phases, untimed".into(),
@@ -327,20 +414,19 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
         skipped: Vec::new(),
         reps: args.reps.max(1),
         paths: Vec::new(),
+        speedups: Vec::new(),
         dedup: None,
     };
     let mut ok = skipped.is_empty();
+    let skipped_corpus = skipped.len(); // already reported
     let mut layer_stats = std::collections::HashMap::new();
     if args.command == "bench" && !images.is_empty() {
         if !pf.registry {
             skipped.push(
-                "push/pull/run: docker-registry missing (apt-get install -y docker-registry)"
+                "push/pull/run of every path: docker-registry missing (apt-get install -y docker-registry)"
                     .into(),
             );
         } else {
-            if !pf.run {
-                skipped.push("run phase: needs root, chroot, overlayfs and tmpfs (see the missing lines above)".into());
-            }
             std::fs::create_dir_all(work)
                 .with_context(|| format!("creating {}", work.display()))?;
             let registry = tokio::task::spawn_blocking({
@@ -348,23 +434,67 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 move || Registry::start(&d)
             })
             .await??;
-            let mut trad = Traditional::new(registry.addr(), work, timeout, pf.run)?;
-            let pr = bench::measure(
-                &mut trad,
-                &images,
-                Plan {
-                    reps: args.reps.max(1),
-                    run: pf.run,
-                },
-            )
-            .await;
-            ok &= pr
-                .images
-                .iter()
-                .all(|i| i.reps.iter().all(|r| r.error.is_none()));
-            layer_stats = trad.layer_stats().clone();
-            results.paths.push(pr);
-            drop(trad);
+            let plan = |run: bool| Plan {
+                reps: args.reps.max(1),
+                run,
+            };
+            let all_ok = |pr: &bench::PathResults| {
+                pr.images
+                    .iter()
+                    .all(|i| i.reps.iter().all(|r| r.error.is_none()))
+            };
+            if args.wants("baseline") {
+                if !pf.run {
+                    skipped.push("baseline run phase: needs root, chroot, overlayfs and tmpfs (see the missing lines above)".into());
+                }
+                let mut trad = Traditional::new(registry.addr(), work, timeout, pf.run)?;
+                let pr = bench::measure(&mut trad, &images, plan(pf.run)).await;
+                ok &= all_ok(&pr);
+                layer_stats = trad.layer_stats().clone();
+                results.paths.push(pr);
+                drop(trad);
+            }
+            let slacker_modes: Vec<Mode> = [Mode::Kernel, Mode::Lazy]
+                .into_iter()
+                .filter(|m| args.wants(m.name()))
+                .collect();
+            if !slacker_modes.is_empty() && !pf.slacker {
+                skipped.push("slacker paths: need a btrfs (root + btrfs-progs, or SLACKER_BTRFS_ROOT) and e2fsprogs (see the missing lines above)".into());
+            } else if !slacker_modes.is_empty() {
+                let size = btrfs_size(&images);
+                let cache_dir = store.dir().to_path_buf();
+                let btrfs =
+                    tokio::task::spawn_blocking(move || BtrfsImage::create(&cache_dir, size))
+                        .await??;
+                let storage = Storage::open(&btrfs, registry.addr(), work).await?;
+                for mode in slacker_modes {
+                    let can_run = match mode {
+                        Mode::Kernel => pf.slacker_run,
+                        Mode::Lazy => pf.slacker_lazy_run,
+                    };
+                    if !can_run {
+                        skipped.push(format!(
+                            "{} run phase: needs root, losetup, ext4{} (see the missing lines above)",
+                            mode.name(),
+                            if mode == Mode::Lazy { " and /dev/fuse" } else { "" }
+                        ));
+                    }
+                    let link = if mode == Mode::Lazy {
+                        args.link()
+                    } else {
+                        None
+                    };
+                    let mut path =
+                        SlackerPath::new(mode, storage.clone(), link, timeout, work).await?;
+                    results.notes.push(path.describe());
+                    let pr = bench::measure(&mut path, &images, plan(can_run)).await;
+                    ok &= all_ok(&pr);
+                    results.paths.push(pr);
+                    drop(path);
+                }
+                drop(storage);
+                tokio::task::spawn_blocking(move || drop(btrfs)).await?;
+            }
             drop(registry);
         }
     }
@@ -373,7 +503,11 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
         let d = tokio::task::spawn_blocking(move || dedup::analyze(&imgs, &layer_stats)).await??;
         results.dedup = Some(d);
     }
+    for s in skipped.iter().skip(skipped_corpus) {
+        progress!("skipped: {s}");
+    }
     results.skipped = skipped;
+    results.speedups = results.compute_speedups();
     let prefix = if args.command == "dedup" {
         "dedup"
     } else {
@@ -381,6 +515,14 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
     };
     write_results(&results, &args.out, prefix)?;
     Ok(ok)
+}
+
+/// Size of the sparse btrfs image for `images`: room for every image imported as ext4
+/// (the volumes are sparse; allocated about the image's size), three times over, and at
+/// least 8 GiB.
+fn btrfs_size(images: &[BuiltImage]) -> u64 {
+    let data: u64 = images.iter().map(|i| i.record.stats.allocated_bytes).sum();
+    (data * 3 + (4 << 30)).max(8 << 30).div_ceil(1 << 30) * (1 << 30)
 }
 
 /// Write `{prefix}.md`, `.json` and (with measurements) `.svg` into `out`, falling back to a

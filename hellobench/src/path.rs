@@ -3,8 +3,9 @@
 //! The harness ([`crate::bench`]) times each call with the same clock and computes the cycles;
 //! an implementation only does the work and reports bytes. Phase 1 has
 //! [`crate::baseline::Traditional`] (tar + gzip -6 into a registry, download + gunzip + untar,
-//! overlayfs). Phase 2 adds slacker's path (btrfs backend + snapshot-reference layers + lazy
-//! data path) as a second implementation; nothing else changes.
+//! overlayfs). Phase 2 adds slacker's paths ([`crate::slacker::SlackerPath`]: btrfs backend +
+//! snapshot-reference layers, run through the kernel's loop device or the lazy worker data
+//! path).
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,20 @@ pub struct Step {
     pub read_bytes: Option<u64>,
     /// Sub-phase seconds for the tables, e.g. `("tar+gzip", 12.1)`, `("upload", 2.0)`.
     pub parts: Vec<(String, f64)>,
+    /// Push/pull: layer blob bytes moved (without config and manifests), where the path
+    /// knows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_bytes: Option<u64>,
+    /// Run: image bytes fetched from image storage before the container was ready (also
+    /// counted in `network_bytes`): slacker's lazily fetched blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_bytes: Option<u64>,
+    /// Run: the image's size in storage (slacker: the volume's logical size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_bytes: Option<u64>,
+    /// Run: the image's used bytes in storage (slacker: bytes allocated to the volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_used_bytes: Option<u64>,
     /// Free-form facts worth keeping in the JSON (sizes, layer digests, filesystem types).
     pub notes: Vec<String>,
 }
@@ -33,6 +48,12 @@ pub struct Step {
 ///
 /// # Contract
 ///
+/// - `prepare` (untimed, before every `push`) puts the image where the developer's host
+///   keeps it for this path, e.g. slacker imports the tree into a volume (the traditional
+///   path starts from the tree on disk), and builds this repetition's registry clients.
+///   Building an HTTP client loads the system CA store several times (~0.1 s here): a cost
+///   a daemon pays once at start, not per push or pull. The clients make no request before
+///   their phase, so the pull still starts without a connection or token to reuse.
 /// - `push` starts from the built tree on this host (`image.root`) and leaves the image
 ///   pullable from the registry under a reference the implementation remembers. Every call is
 ///   a fresh push (a new tag); nothing from an earlier push may be reused except what the
@@ -46,8 +67,12 @@ pub struct Step {
 ///   `tokio::task::spawn_blocking`, so the harness's timers and Ctrl-C handling stay live.
 #[async_trait]
 pub trait Path: Send {
-    /// Short name for tables, JSON and the chart: `baseline`, `slacker`.
+    /// Short name for tables, JSON and the chart: `baseline`, `slacker`, `slacker-lazy`.
     fn name(&self) -> &str;
+    /// Untimed set-up before `push` (see the contract). Default: nothing.
+    async fn prepare(&mut self, _image: &BuiltImage) -> Result<Step> {
+        Ok(Step::default())
+    }
     /// Publish the image to the registry.
     async fn push(&mut self, image: &BuiltImage) -> Result<Step>;
     /// Fetch the image to this worker so that it can run.

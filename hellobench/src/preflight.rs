@@ -36,6 +36,13 @@ pub struct Preflight {
     pub registry: bool,
     /// root + chroot + overlayfs + tmpfs: can run containers.
     pub run: bool,
+    /// Slacker's push and pull: a btrfs (root + mkfs.btrfs + mount, or `SLACKER_BTRFS_ROOT`)
+    /// and e2fsprogs (images are imported as ext4).
+    pub slacker: bool,
+    /// Slacker's run, kernel path: root + losetup + chroot + ext4.
+    pub slacker_run: bool,
+    /// Slacker's run through the lazy data path: also `/dev/fuse`.
+    pub slacker_lazy_run: bool,
     /// Everything that is missing.
     pub missing: Vec<Missing>,
 }
@@ -59,7 +66,7 @@ pub fn check() -> Preflight {
     if !root {
         m.push(Missing {
             what: "root".into(),
-            needed_for: "debootstrap, chroot and the mounts of the run phase (overlayfs, /proc, tmpfs)".into(),
+            needed_for: "debootstrap, chroot, the mounts of the run phase (overlayfs, /proc, tmpfs) and the slacker paths' btrfs, loop and FUSE mounts".into(),
             fix: "run as root, e.g. `sudo -E env PATH=$PATH cargo run --release -p slacker-hellobench -- ...`".into(),
         });
     }
@@ -90,12 +97,66 @@ pub fn check() -> Preflight {
             fix: "modprobe overlay (or a kernel with CONFIG_OVERLAY_FS)".into(),
         });
     }
+    // Slacker: btrfs storage, ext4 images, loop devices, FUSE.
+    let env_btrfs = std::env::var_os(crate::storage::ENV_BTRFS_ROOT).is_some_and(|v| !v.is_empty());
+    let mut btrfs = env_btrfs;
+    if !env_btrfs {
+        let mkfs = tool(
+            "mkfs.btrfs",
+            "btrfs-progs",
+            "the slacker paths' storage (a loop-mounted btrfs)",
+            &mut m,
+        );
+        let kbtrfs = sys::kernel_has_fs("btrfs");
+        if !kbtrfs {
+            m.push(Missing {
+                what: "btrfs in the kernel".into(),
+                needed_for: "the slacker paths' storage".into(),
+                fix: "modprobe btrfs, or point SLACKER_BTRFS_ROOT at a directory on btrfs".into(),
+            });
+        }
+        let mount = tool("mount", "mount", "loop-mounting btrfs and ext4", &mut m);
+        btrfs = root && mkfs && kbtrfs && mount;
+    }
+    let e2fs = tool(
+        "mke2fs",
+        "e2fsprogs",
+        "the slacker paths (images are imported as ext4 volumes)",
+        &mut m,
+    ) & tool("debugfs", "e2fsprogs", "the slacker paths", &mut m);
+    let losetup = tool(
+        "losetup",
+        "mount",
+        "the slacker paths' run phase (loop devices)",
+        &mut m,
+    );
+    let ext4 = sys::kernel_has_fs("ext4");
+    if !ext4 {
+        m.push(Missing {
+            what: "ext4 in the kernel".into(),
+            needed_for: "the slacker paths' run phase".into(),
+            fix: "modprobe ext4".into(),
+        });
+    }
+    let fuse = std::path::Path::new("/dev/fuse").exists() && sys::kernel_has_fs("fuse");
+    if !fuse {
+        m.push(Missing {
+            what: "/dev/fuse (FUSE in the kernel)".into(),
+            needed_for: "the slacker-lazy path's run phase (the worker data path)".into(),
+            fix: "modprobe fuse".into(),
+        });
+    }
+    let slacker = btrfs && e2fs;
+    let slacker_run = slacker && root && losetup && chroot && ext4;
     Preflight {
         root,
         debootstrap: root && deb && chroot,
-        busybox: apt,
+        busybox: apt || sys::static_busybox().is_some(),
         registry,
         run: root && chroot && overlay && sys::kernel_has_fs("tmpfs"),
+        slacker,
+        slacker_run,
+        slacker_lazy_run: slacker_run && fuse,
         missing: m,
     }
 }

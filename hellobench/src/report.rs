@@ -11,8 +11,15 @@ use crate::dedup::DedupReport;
 
 /// The path every other one is compared against.
 pub const BASELINE: &str = "baseline";
-/// The path phase 2 adds; its columns show "—" until then.
+/// Slacker's kernel path (loop device on the clone's local file).
 pub const SLACKER: &str = "slacker";
+/// Slacker's lazy worker data path (LazyVolume + FUSE + loop).
+pub const SLACKER_LAZY: &str = "slacker-lazy";
+
+/// The paper's median speedups (HelloBench, Slacker vs Docker + AUFS): deployment, development.
+pub const PAPER_SPEEDUP: (f64, f64) = (5.3, 20.0);
+/// Our goals (DESIGN.md §6): deployment, development.
+pub const GOAL_SPEEDUP: (f64, f64) = (10.0, 40.0);
 
 /// Everything a run produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,8 +50,65 @@ pub struct Results {
     pub reps: usize,
     /// One entry per measured path; the first is the baseline.
     pub paths: Vec<PathResults>,
+    /// Speedups of every other path over the baseline of the same run.
+    #[serde(default)]
+    pub speedups: Vec<PathSpeedups>,
     /// Figure 7.
     pub dedup: Option<DedupReport>,
+}
+
+/// Baseline seconds / path seconds, per phase and cycle (> 1: the path is faster).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ratios {
+    /// Push.
+    pub push: Option<f64>,
+    /// Pull.
+    pub pull: Option<f64>,
+    /// Run (until ready).
+    pub run: Option<f64>,
+    /// Deployment cycle (pull + run).
+    pub deploy: Option<f64>,
+    /// Development cycle (push + pull + run).
+    pub dev: Option<f64>,
+}
+
+impl Ratios {
+    fn of(base: &Summary, other: &Summary) -> Self {
+        let r = |b: Option<f64>, o: Option<f64>| match (b, o) {
+            (Some(b), Some(o)) if o > 0.0 => Some(b / o),
+            _ => None,
+        };
+        Self {
+            push: r(base.push, other.push),
+            pull: r(base.pull, other.pull),
+            run: r(base.run, other.run),
+            deploy: r(base.deploy, other.deploy),
+            dev: r(base.dev, other.dev),
+        }
+    }
+}
+
+/// One image's speedups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRatios {
+    /// Image name.
+    pub image: String,
+    /// Baseline median / path median for this image.
+    #[serde(flatten)]
+    pub ratios: Ratios,
+}
+
+/// A path's speedups over the baseline measured in the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathSpeedups {
+    /// The path.
+    pub path: String,
+    /// Per image (per-image medians divided).
+    pub images: Vec<ImageRatios>,
+    /// Median over images of the per-image speedups.
+    pub median_of_images: Ratios,
+    /// The baseline's median over images divided by the path's.
+    pub of_medians: Ratios,
 }
 
 /// Where the numbers come from.
@@ -119,6 +183,10 @@ fn opt_bytes(b: Option<f64>) -> String {
     b.map_or_else(|| "—".into(), |b| fmt_bytes(b as u64))
 }
 
+fn opt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "—".into(), |r| format!("{r:.1}×"))
+}
+
 fn ratio(base: Option<f64>, other: Option<f64>) -> String {
     match (base, other) {
         (Some(b), Some(o)) if o > 0.0 => format!("{:.1}×", b / o),
@@ -129,6 +197,45 @@ fn ratio(base: Option<f64>, other: Option<f64>) -> String {
 impl Results {
     fn path(&self, name: &str) -> Option<&PathResults> {
         self.paths.iter().find(|p| p.path == name)
+    }
+
+    /// Speedups of every non-baseline path over the baseline (empty without a baseline).
+    pub fn compute_speedups(&self) -> Vec<PathSpeedups> {
+        let Some(base) = self.path(BASELINE) else {
+            return Vec::new();
+        };
+        self.paths
+            .iter()
+            .filter(|p| p.path != BASELINE)
+            .map(|p| {
+                let images: Vec<ImageRatios> = base
+                    .images
+                    .iter()
+                    .filter_map(|b| {
+                        let o = p.images.iter().find(|i| i.image == b.image)?;
+                        Some(ImageRatios {
+                            image: b.image.clone(),
+                            ratios: Ratios::of(&b.median, &o.median),
+                        })
+                    })
+                    .collect();
+                let med = |f: fn(&Ratios) -> Option<f64>| {
+                    crate::bench::median(images.iter().map(|i| f(&i.ratios)))
+                };
+                PathSpeedups {
+                    path: p.path.clone(),
+                    median_of_images: Ratios {
+                        push: med(|r| r.push),
+                        pull: med(|r| r.pull),
+                        run: med(|r| r.run),
+                        deploy: med(|r| r.deploy),
+                        dev: med(|r| r.dev),
+                    },
+                    of_medians: Ratios::of(&base.median, &p.median),
+                    images,
+                }
+            })
+            .collect()
     }
 
     /// All tables as Markdown.
@@ -150,8 +257,23 @@ impl Results {
         for p in &self.paths {
             s += &path_table(p);
             s += &parts_table(p);
+            if p.path != BASELINE {
+                s += &self.bytes_table(p);
+            }
         }
-        s += &self.comparison_table();
+        let others: Vec<&str> = self
+            .paths
+            .iter()
+            .map(|p| p.path.as_str())
+            .filter(|p| *p != BASELINE)
+            .collect();
+        if others.is_empty() {
+            s += &self.comparison_table(SLACKER);
+        }
+        for o in &others {
+            s += &self.comparison_table(o);
+        }
+        s += &self.goals_table();
         if let Some(d) = &self.dedup {
             s += &dedup_table(d);
         }
@@ -196,13 +318,13 @@ impl Results {
         s + "\n"
     }
 
-    fn comparison_table(&self) -> String {
+    fn comparison_table(&self, name: &str) -> String {
         let base = self.path(BASELINE);
-        let other = self.path(SLACKER);
+        let other = self.path(name);
         let mut s = format!(
-            "### {BASELINE} vs {SLACKER}{}\n\n| image | deploy {BASELINE} | deploy {SLACKER} | deploy speedup | dev {BASELINE} | dev {SLACKER} | dev speedup | push speedup | pull speedup | run speedup |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "### {BASELINE} vs {name}{}\n\n| image | deploy {BASELINE} | deploy {name} | deploy speedup | dev {BASELINE} | dev {name} | dev speedup | push speedup | pull speedup | run speedup |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             if other.is_none() {
-                " (slacker path: phase 2, not measured yet)"
+                " (not measured in this run)"
             } else {
                 ""
             }
@@ -231,7 +353,116 @@ impl Results {
             row(&mut s, &img.image, &img.median, o);
         }
         row(&mut s, "**median**", &base.median, other.map(|o| &o.median));
-        s + "\nSpeedup = baseline time / slacker time; the median row divides the medians.\n\n"
+        if let Some(sp) = self.speedups.iter().find(|p| p.path == name) {
+            let m = &sp.median_of_images;
+            let _ = writeln!(
+                s,
+                "| *median of per-image speedups* | | | {} | | | {} | {} | {} | {} |",
+                opt_ratio(m.deploy),
+                opt_ratio(m.dev),
+                opt_ratio(m.push),
+                opt_ratio(m.pull),
+                opt_ratio(m.run)
+            );
+        }
+        s + &format!(
+            "\nSpeedup = {BASELINE} time / {name} time, both measured in this run; the **median** row divides the medians.\n\n"
+        )
+    }
+
+    /// Deployment and development speedups against the paper's and our goals.
+    fn goals_table(&self) -> String {
+        if self.speedups.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from(
+            "### Cycles against the goals\n\n| path | deployment speedup (of medians / median per image) | development speedup (of medians / median per image) | paper | our goal | goal met |\n|---|---:|---:|---:|---:|---|\n",
+        );
+        for p in &self.speedups {
+            let met = |v: Option<f64>, goal: f64| v.is_some_and(|v| v >= goal);
+            let (d, v) = (p.of_medians.deploy, p.of_medians.dev);
+            let _ = writeln!(
+                s,
+                "| {} | {} / {} | {} / {} | {}× / {}× | {}× / {}× | deployment {}, development {} |",
+                p.path,
+                opt_ratio(d),
+                opt_ratio(p.median_of_images.deploy),
+                opt_ratio(v),
+                opt_ratio(p.median_of_images.dev),
+                PAPER_SPEEDUP.0,
+                PAPER_SPEEDUP.1,
+                GOAL_SPEEDUP.0,
+                GOAL_SPEEDUP.1,
+                if met(d, GOAL_SPEEDUP.0) { "yes" } else { "no" },
+                if met(v, GOAL_SPEEDUP.1) { "yes" } else { "no" },
+            );
+        }
+        s + "\nGoal met = the ratio of medians reaches it. Paper: HelloBench's 57 images, Slacker vs Docker + AUFS, median deployment 5.3× and development 20× faster.\n\n"
+    }
+
+    /// Bytes moved and fetched by a slacker path, against the image's size.
+    fn bytes_table(&self, p: &PathResults) -> String {
+        let mut s = format!(
+            "#### {}: bytes (per image: median of repetitions)\n\n| image | push: all (layers) | pull: all (layers) | fetched at startup | read by container | image size (volume) | used (allocated) | file contents | fetched / size | fetched / used | fetched / file contents |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            p.path
+        );
+        let pct = |v: Option<f64>| v.map_or_else(|| "—".into(), |v| format!("{:.1}%", v * 100.0));
+        let files = |name: &str| {
+            self.images
+                .iter()
+                .find(|r| r.name == name || r.name == format!("{name}-busybox"))
+                .map(|r| r.stats.file_bytes as f64)
+        };
+        let row = |s: &mut String, name: &str, m: &Summary, pull: Option<f64>, f: Option<f64>| {
+            let of_files = match (m.fetched_bytes, f) {
+                (Some(x), Some(f)) if f > 0.0 => Some(x / f),
+                _ => None,
+            };
+            let _ = writeln!(
+                s,
+                "| {name} | {} ({}) | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} |",
+                opt_bytes(m.net_push_bytes),
+                opt_bytes(m.layer_push_bytes),
+                opt_bytes(pull),
+                opt_bytes(m.layer_pull_bytes),
+                opt_bytes(m.fetched_bytes),
+                opt_bytes(m.read_bytes),
+                opt_bytes(m.image_bytes),
+                opt_bytes(m.image_used_bytes),
+                opt_bytes(f),
+                pct(m.fetched_of_image),
+                pct(m.fetched_of_used),
+                pct(of_files),
+            );
+        };
+        let mut fr = Vec::new();
+        for i in &p.images {
+            let f = files(&i.image);
+            if let (Some(x), Some(f)) = (i.median.fetched_bytes, f) {
+                fr.push(Some(x / f));
+            }
+            let pull = crate::bench::median(
+                i.reps
+                    .iter()
+                    .map(|r| r.pull.as_ref().map(|p| p.step.network_bytes as f64)),
+            );
+            row(&mut s, &i.image, &i.median, pull, f);
+        }
+        let _ = writeln!(
+            s,
+            "| **median** | {} ({}) | — ({}) | {} | {} | {} | {} | | {} | {} | {} |",
+            opt_bytes(p.median.net_push_bytes),
+            opt_bytes(p.median.layer_push_bytes),
+            opt_bytes(p.median.layer_pull_bytes),
+            opt_bytes(p.median.fetched_bytes),
+            opt_bytes(p.median.read_bytes),
+            opt_bytes(p.median.image_bytes),
+            opt_bytes(p.median.image_used_bytes),
+            pct(p.median.fetched_of_image),
+            pct(p.median.fetched_of_used),
+            pct(crate::bench::median(fr)),
+        );
+        s + "\nPush/pull: bytes to/from the registry (blobs + config + manifests), layer blobs in parentheses. Fetched at startup: image bytes read from storage until the container was ready (slacker: the loop device's reads of the clone; slacker-lazy: bytes the data path fetched from the backend). Image size: the volume's logical size; used: bytes allocated to it; file contents: the tree's regular-file bytes. Fractions are medians of per-image fractions.\n\n"
     }
 
     /// The JSON written to `results.json`.
@@ -386,7 +617,8 @@ fn esc(s: &str) -> String {
 }
 
 /// A grouped bar chart of push / pull / run seconds per image (and the median), one bar per
-/// phase and path, on a log-scale y axis. Paths after the first are drawn hatched.
+/// phase and path, on a log-scale y axis. The second path is drawn hatched, the third
+/// dotted; the footer gives the median deployment and development speedups.
 pub fn svg(r: &Results) -> String {
     let paths: Vec<&PathResults> = r.paths.iter().collect();
     let mut groups: Vec<(String, Vec<&Summary>)> = Vec::new();
@@ -425,7 +657,8 @@ pub fn svg(r: &Results) -> String {
 
     let bar_w = 16.0;
     let bars = (PHASE_COLORS.len() * paths.len().max(1)) as f64;
-    let (ml, mr, mt, mb) = (70.0, 20.0, 70.0, 60.0);
+    // One legend row per path above the plot; two footer lines below it.
+    let (ml, mr, mt, mb) = (70.0, 20.0, 54.0 + 16.0 * paths.len().max(1) as f64, 76.0);
     let plot_h = 320.0;
     let ngroups = groups.len().max(1) as f64;
     // At least 760 px wide so the title and legend fit; groups spread out to fill it.
@@ -439,7 +672,7 @@ pub fn svg(r: &Results) -> String {
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
     );
-    s += r#"<defs><pattern id="hatch" width="5" height="5" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><rect width="5" height="5" fill="white" fill-opacity="0.35"/><line x1="0" y1="0" x2="0" y2="5" stroke="white" stroke-width="2"/></pattern></defs>"#;
+    s += r#"<defs><pattern id="hatch" width="5" height="5" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><rect width="5" height="5" fill="white" fill-opacity="0.35"/><line x1="0" y1="0" x2="0" y2="5" stroke="white" stroke-width="2"/></pattern><pattern id="dots" width="5" height="5" patternUnits="userSpaceOnUse"><rect width="5" height="5" fill="white" fill-opacity="0.2"/><circle cx="2.5" cy="2.5" r="1.3" fill="white"/></pattern></defs>"#;
     s += "\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
     let title = format!(
         "HelloBench-style push / pull / run, {} corpus ({}; {} CPUs) — log scale",
@@ -452,24 +685,26 @@ pub fn svg(r: &Results) -> String {
         r#"<text x="{ml}" y="22" font-size="15" font-weight="bold">{}</text>"#,
         esc(&title)
     );
-    // Legend.
-    let mut lx = ml;
+    // Legend: one row per path.
     for (pi, p) in paths.iter().enumerate() {
+        let mut lx = ml;
+        let ly = 36.0 + 16.0 * pi as f64;
         for (ph, c) in PHASE_COLORS {
             let _ = write!(
                 s,
-                r#"<rect x="{lx}" y="36" width="12" height="12" fill="{c}"/>"#
+                r#"<rect x="{lx}" y="{ly}" width="12" height="12" fill="{c}"/>"#
             );
-            if pi > 0 {
+            if let Some(pat) = pattern(pi) {
                 let _ = write!(
                     s,
-                    r#"<rect x="{lx}" y="36" width="12" height="12" fill="url(#hatch)"/>"#
+                    r#"<rect x="{lx}" y="{ly}" width="12" height="12" fill="{pat}"/>"#
                 );
             }
             let _ = writeln!(
                 s,
-                r#"<text x="{}" y="46">{} {ph}</text>"#,
+                r#"<text x="{}" y="{}">{} {ph}</text>"#,
                 lx + 16.0,
+                ly + 10.0,
                 esc(&p.path)
             );
             lx += 28.0 + 7.0 * (p.path.len() + ph.len()) as f64;
@@ -522,10 +757,10 @@ pub fn svg(r: &Results) -> String {
                         esc(gname),
                         fmt_secs(v)
                     );
-                    if pi > 0 {
+                    if let Some(pat) = pattern(pi) {
                         let _ = write!(
                             s,
-                            r#"<rect x="{bx:.1}" y="{top:.1}" width="{:.1}" height="{h:.1}" fill="url(#hatch)"/>"#,
+                            r#"<rect x="{bx:.1}" y="{top:.1}" width="{:.1}" height="{h:.1}" fill="{pat}"/>"#,
                             bar_w - 2.0
                         );
                     }
@@ -549,22 +784,58 @@ pub fn svg(r: &Results) -> String {
             esc(gname)
         );
     }
-    let note = if r.paths.iter().any(|p| p.path == SLACKER) {
-        String::new()
+    let note = if r.paths.iter().any(|p| p.path != BASELINE) {
+        "slacker paths measured in the same run as the baseline.".to_string()
     } else {
-        "slacker bars (hatched) arrive in phase 2".to_string()
+        "no slacker path measured in this run.".to_string()
     };
+    let speedups: Vec<String> = r
+        .speedups
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: deployment {}, development {}",
+                p.path,
+                opt_ratio(p.of_medians.deploy),
+                opt_ratio(p.of_medians.dev)
+            )
+        })
+        .collect();
     let _ = writeln!(
         s,
         r##"<text x="{ml}" y="{:.0}" font-size="11" fill="#555">{}</text>"##,
-        height - 14.0,
+        height - 30.0,
         esc(&format!(
-            "run = until the readiness check passes; each bar: median of {} rep(s). {note}",
+            "run = until the readiness check passes; each bar: median of {} rep(s); {note}",
             r.reps
         ))
     );
+    if !speedups.is_empty() {
+        let _ = writeln!(
+            s,
+            r##"<text x="{ml}" y="{:.0}" font-size="11" fill="#333">{}</text>"##,
+            height - 14.0,
+            esc(&format!(
+                "median speedups over the baseline (ratio of medians): {} (paper: {}×, {}×; goal: {}×, {}×)",
+                speedups.join("; "),
+                PAPER_SPEEDUP.0,
+                PAPER_SPEEDUP.1,
+                GOAL_SPEEDUP.0,
+                GOAL_SPEEDUP.1
+            ))
+        );
+    }
     s += "</svg>\n";
     s
+}
+
+/// The fill pattern drawn over path `i`'s bars (the first path is plain).
+fn pattern(i: usize) -> Option<&'static str> {
+    match i {
+        0 => None,
+        1 => Some("url(#hatch)"),
+        _ => Some("url(#dots)"),
+    }
 }
 
 static EMPTY: Summary = Summary {
@@ -576,11 +847,72 @@ static EMPTY: Summary = Summary {
     net_push_bytes: None,
     net_pull_bytes: None,
     read_bytes: None,
+    layer_push_bytes: None,
+    layer_pull_bytes: None,
+    fetched_bytes: None,
+    image_bytes: None,
+    image_used_bytes: None,
+    fetched_of_image: None,
+    fetched_of_used: None,
 };
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn path(name: &str, deploy: f64, dev: f64) -> PathResults {
+        let m = Summary {
+            push: Some(dev - deploy),
+            pull: Some(deploy / 2.0),
+            run: Some(deploy / 2.0),
+            deploy: Some(deploy),
+            dev: Some(dev),
+            ..Summary::default()
+        };
+        PathResults {
+            path: name.into(),
+            images: vec![crate::bench::ImageResult {
+                image: "shell".into(),
+                reps: Vec::new(),
+                median: m.clone(),
+            }],
+            median: m,
+        }
+    }
+
+    #[test]
+    fn speedups_divide_baseline_by_path() {
+        let r = Results {
+            tool: String::new(),
+            date: String::new(),
+            command: String::new(),
+            host: Host::this(),
+            corpus: "reduced".into(),
+            corpus_secs_this_run: 0.0,
+            base: None,
+            images: Vec::new(),
+            layering: String::new(),
+            notes: Vec::new(),
+            skipped: Vec::new(),
+            reps: 1,
+            paths: vec![path(BASELINE, 8.0, 20.0), path(SLACKER, 0.5, 1.0)],
+            speedups: Vec::new(),
+            dedup: None,
+        };
+        let s = r.compute_speedups();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].path, SLACKER);
+        assert_eq!(s[0].of_medians.deploy, Some(16.0));
+        assert_eq!(s[0].of_medians.dev, Some(20.0));
+        assert_eq!(s[0].median_of_images.push, Some(24.0));
+        let r = Results { speedups: s, ..r };
+        let md = r.markdown();
+        assert!(
+            md.contains("| slacker | 16.0× / 16.0× | 20.0× / 20.0×"),
+            "{md}"
+        );
+        assert!(svg(&r).contains("slacker: deployment 16.0×, development 20.0×"));
+    }
 
     #[test]
     fn formats() {

@@ -37,6 +37,29 @@ pub fn which(name: &str) -> Option<PathBuf> {
         })
 }
 
+/// The host's `busybox` if it is statically linked (an ELF file without a `PT_INTERP`
+/// program header), so it runs in a chroot on its own.
+pub fn static_busybox() -> Option<PathBuf> {
+    let p = which("busybox")?;
+    let b = std::fs::read(&p).ok()?;
+    let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    // 64-bit little-endian ELF only (what this benchmark runs on).
+    if b.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let (phentsize, phnum) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
+    const PT_INTERP: u32 = 3;
+    for i in 0..phnum {
+        if u32_at(phoff + i * phentsize)? == PT_INTERP {
+            return None;
+        }
+    }
+    Some(p)
+}
+
 /// Does the running kernel know filesystem type `fs` (from `/proc/filesystems`)?
 pub fn kernel_has_fs(fs: &str) -> bool {
     std::fs::read_to_string("/proc/filesystems")

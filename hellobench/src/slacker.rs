@@ -1,0 +1,652 @@
+//! Slacker's path: the btrfs backend, snapshot-reference layers through the same registry
+//! as the baseline, and a container run from a clone of the pulled snapshot.
+//!
+//! ```text
+//!  prepare (untimed)  image tree ──import_dir (mke2fs -d)──▶ ext4 in a volume, snapshot held
+//!                     └─ create: the developer's container = a writable clone of it
+//!  push               LayerStore::diff (flush + snapshot) ─▶ 2 KiB reference layer + config
+//!                     + manifest ─▶ docker-registry                  (builder store)
+//!  pull               manifest + config + reference layer ─▶ apply_diff: a lazy layer,
+//!                     the snapshot held, nothing cloned, no data read (worker store)
+//!  run                get (clone) ─▶ mount the clone's ext4 ─▶ /proc, /dev, chroot, readiness
+//!                       slacker:      losetup on the clone's local file (btrfs, no FUSE)
+//!                       slacker-lazy: LazyVolume ─▶ FUSE disk.img ─▶ losetup (worker data path)
+//!  stop / clean       stop, unmount, put; remove the worker layer, the developer's layer and
+//!                     the pushed snapshot (untimed)
+//! ```
+//!
+//! **Mapping to the paper.** In Slacker a container's data already lives in a storage
+//! volume (ext4 on a block device of the shared storage) when it is pushed: `docker push`
+//! snapshots that volume and uploads a reference. Here the image starts as a directory tree
+//! (as for the baseline), so an untimed `prepare` puts it into a volume once per image
+//! ([`LayerStore::import_dir`]) and clones it into the developer's container for every
+//! repetition; the timed push then does what Slacker's does (snapshot + reference layer +
+//! manifest and config upload), and the baseline's timed push does what Docker's does (tar +
+//! gzip of the tree + upload). Both start from data that is already on the developer's
+//! host in its native form.
+//!
+//! **Storage.** Both "hosts" (the developer's builder and the worker) keep their layer stores
+//! on one btrfs (see [`crate::storage`]): local shared storage, as the paper's NFS server
+//! was shared by its workers and registry. The two run modes differ in how the worker reads
+//! the clone:
+//!
+//! - `slacker`: the kernel path. The clone is a local file (`Backend::local_path`),
+//!   loop-mounted directly; "read by the container" is what its loop device read
+//!   (`/sys/block/loopN/stat`, sectors × 512, when ready). The storage is local, so those
+//!   reads are counted as the bytes the run moved (a shared-storage deployment would fetch
+//!   them over its network).
+//! - `slacker-lazy`: the worker data path. A `LazyVolume` over the backend behind a
+//!   `Counting` wrapper (and, by default, `Throttled` with a 1 Gbit/s, 0.2 ms link that
+//!   emulates the network to the storage; this kernel has no netem) is served through FUSE
+//!   and loop-mounted; one `BlockCache` serves every run of the path. Bytes fetched from the
+//!   backend before readiness are the run's network bytes.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use slacker_backend_btrfs::BtrfsBuilder;
+use slacker_core::persist::{DirStore, MetaStore};
+use slacker_core::worker::{
+    BlockCache, Counting, LazyVolume, LazyVolumeOptions, LinkProfile, Throttled,
+};
+use slacker_core::{Backend, ErrorKind, LayerStore, LayerStoreOptions, SnapshotId};
+use slacker_fuse::{Mount, MountOptions};
+use slacker_oci::{ClientOptions, PushOptions, RegistryClient};
+
+use crate::container::{self, Running};
+use crate::corpus::BuiltImage;
+use crate::error::{Context, Error, Result};
+use crate::path::{Path as BenchPath, Step};
+use crate::storage::{self, BtrfsImage};
+
+/// The smallest volume an image is imported into (they are sparse; the ext4 is sized by
+/// `slacker_core::layer::ext4::estimate_size`: twice the data plus metadata room).
+const MIN_VOLUME: u64 = 64 << 20;
+/// The worker's shared block cache (slacker-lazy).
+const CACHE_BYTES: u64 = 1 << 30;
+
+/// How the worker reads the clone it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Loop-mount the clone's local file (btrfs), no FUSE: `slacker`.
+    Kernel,
+    /// `LazyVolume` + FUSE + loop, counting (and optionally throttling) backend reads:
+    /// `slacker-lazy`.
+    Lazy,
+}
+
+impl Mode {
+    /// The path name in tables, JSON and the chart.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "slacker",
+            Self::Lazy => "slacker-lazy",
+        }
+    }
+}
+
+/// What both modes share: the btrfs backend and the developer's (builder's) layer store
+/// with the images imported into it.
+pub struct Storage {
+    backend: Arc<dyn Backend>,
+    builder: LayerStore<Arc<dyn Backend>>,
+    imports: tokio::sync::Mutex<HashMap<String, String>>,
+    registry: String,
+    meta: PathBuf,
+    scratch: PathBuf,
+    description: String,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("registry", &self.registry)
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+fn dir_store(dir: &Path) -> Result<Arc<dyn MetaStore>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(Arc::new(
+        DirStore::open(dir).with_context(|| format!("opening {}", dir.display()))?,
+    ))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(Error::from)?
+}
+
+fn ignore_not_found(r: slacker_core::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        other => other.map_err(Error::from),
+    }
+}
+
+impl Storage {
+    /// Opens the btrfs backend on `btrfs` and the builder's layer store (metadata and
+    /// scratch space under `work`), pushing to `registry` (`host:port`).
+    ///
+    /// # Errors
+    /// The backend or the store failing to open.
+    pub async fn open(btrfs: &BtrfsImage, registry: &str, work: &Path) -> Result<Arc<Self>> {
+        let root = btrfs.root().to_path_buf();
+        let backend = blocking(move || Ok(BtrfsBuilder::new(root).build()?))
+            .await
+            .context("opening the btrfs backend")?;
+        let backend: Arc<dyn Backend> = Arc::new(backend);
+        let meta = work.join("slacker-meta");
+        let scratch = work.join("slacker-scratch");
+        std::fs::create_dir_all(&scratch)?;
+        let builder = LayerStore::open(
+            backend.clone(),
+            dir_store(&meta.join("builder"))?,
+            LayerStoreOptions::new("builder")
+                .with_volume_size(MIN_VOLUME)
+                .with_scratch_dir(&scratch),
+        )
+        .await
+        .context("opening the builder's layer store")?;
+        Ok(Arc::new(Self {
+            backend,
+            builder,
+            imports: tokio::sync::Mutex::new(HashMap::new()),
+            registry: registry.to_owned(),
+            meta,
+            scratch,
+            description: btrfs.describe(),
+        }))
+    }
+
+    /// Where the storage is, for the results' notes.
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// The builder's layer holding `image` as ext4, imported on first use (untimed).
+    async fn import(&self, image: &BuiltImage) -> Result<(String, Option<f64>)> {
+        let mut imports = self.imports.lock().await;
+        if let Some(l) = imports.get(&image.spec.name) {
+            return Ok((l.clone(), None));
+        }
+        let layer = format!("img-{}", image.spec.name);
+        let t = Instant::now();
+        let applied = self
+            .builder
+            .import_dir(&layer, &image.root)
+            .await
+            .with_context(|| format!("importing {} into a volume", image.root.display()))?;
+        let secs = t.elapsed().as_secs_f64();
+        crate::progress!(
+            "storage: {} imported as ext4 into a {} volume in {secs:.1} s (untimed)",
+            image.spec.name,
+            crate::report::fmt_bytes(applied.size)
+        );
+        imports.insert(image.spec.name.clone(), layer.clone());
+        Ok((layer, Some(secs)))
+    }
+}
+
+/// Per-image state between phases. Field order is drop order: the container's mounts go
+/// before the ext4 mount they live in.
+#[derive(Default)]
+struct State {
+    running: Option<Running>,
+    mount: Option<Mount>,
+    /// The developer's container (builder store), pushed by `push`.
+    dev_layer: Option<String>,
+    /// Bytes allocated to the developer's volume (the image's used bytes).
+    used_bytes: u64,
+    image_ref: Option<String>,
+    /// The snapshot `push` made.
+    pushed: Option<SnapshotId>,
+    /// The pulled top layer (worker store).
+    top: Option<String>,
+    /// `get` without `put`.
+    got: bool,
+    /// Backend bytes read before the run started (slacker-lazy).
+    fetched_before: u64,
+    /// Loop devices' read counters before the run attached one.
+    loops_before: storage::LoopReads,
+    /// Registry clients for this repetition's push and pull, built in `prepare`.
+    push_client: Option<RegistryClient>,
+    pull_client: Option<RegistryClient>,
+}
+
+/// Slacker's path in one of its two [`Mode`]s.
+pub struct SlackerPath {
+    // Declared first: dropped (containers stopped, mounts torn down) before the stores.
+    state: HashMap<String, State>,
+    mode: Mode,
+    storage: Arc<Storage>,
+    worker: LayerStore<Arc<dyn Backend>>,
+    /// What the worker reads through: the backend, or Counting(Throttled(backend)).
+    data: Arc<dyn Backend>,
+    counting: Option<Arc<Counting<Arc<dyn Backend>>>>,
+    cache: Arc<BlockCache>,
+    link: Option<LinkProfile>,
+    timeout: Duration,
+    mnt_dir: PathBuf,
+    logs: PathBuf,
+    counter: u64,
+    run_tag: String,
+}
+
+impl SlackerPath {
+    /// A path in `mode` whose worker store shares `storage`'s backend. `link` (slacker-lazy
+    /// only) puts the worker's backend behind an emulated network link. Mounts and logs go
+    /// under `work`.
+    ///
+    /// # Errors
+    /// The worker's layer store failing to open.
+    pub async fn new(
+        mode: Mode,
+        storage: Arc<Storage>,
+        link: Option<LinkProfile>,
+        timeout: Duration,
+        work: &Path,
+    ) -> Result<Self> {
+        let (data, counting, link) = match mode {
+            Mode::Kernel => (storage.backend.clone(), None, None),
+            Mode::Lazy => {
+                let inner: Arc<dyn Backend> = match link {
+                    Some(p) => Arc::new(Throttled::new(storage.backend.clone(), p)),
+                    None => storage.backend.clone(),
+                };
+                let c = Arc::new(Counting::new(inner));
+                (c.clone() as Arc<dyn Backend>, Some(c), link)
+            }
+        };
+        let store_name = match mode {
+            Mode::Kernel => "worker",
+            Mode::Lazy => "worker-lazy",
+        };
+        let worker = LayerStore::open(
+            data.clone(),
+            dir_store(&storage.meta.join(store_name))?,
+            LayerStoreOptions::new(store_name)
+                .with_volume_size(MIN_VOLUME)
+                .with_scratch_dir(&storage.scratch),
+        )
+        .await
+        .with_context(|| format!("opening the {store_name} layer store"))?;
+        let mnt_dir = work.join("slacker-mnt");
+        std::fs::create_dir_all(&mnt_dir)?;
+        let (_, stamp) = crate::sys::now_utc();
+        Ok(Self {
+            state: HashMap::new(),
+            mode,
+            storage,
+            worker,
+            data,
+            counting,
+            cache: Arc::new(BlockCache::new(CACHE_BYTES)),
+            link,
+            timeout,
+            mnt_dir,
+            logs: work.to_path_buf(),
+            counter: 0,
+            run_tag: stamp.replace([':', '-'], "").to_lowercase(),
+        })
+    }
+
+    /// A description of this mode for the results' notes.
+    pub fn describe(&self) -> String {
+        match self.mode {
+            Mode::Kernel => format!(
+                "{}: push = snapshot + reference layer + config + manifest to the registry; pull = manifest + config + reference layer, apply_diff (lazy: no data); run = get (btrfs clone) + losetup --direct-io on the clone's local file + mount ext4 + /proc, /dev, chroot, readiness; bytes read = the loop device's sectors read ×512 when ready (local storage, counted as the run's network bytes); storage: {}",
+                self.mode.name(),
+                self.storage.describe()
+            ),
+            Mode::Lazy => format!(
+                "{}: as slacker, but run = get + LazyVolume (default options: 16 KiB read-ahead on a miss, sequential window up to 1 MiB) over Counting({}btrfs) + FUSE disk.img + losetup + mount ext4; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness",
+                self.mode.name(),
+                match self.link {
+                    Some(l) => format!(
+                        "Throttled({} µs per request, {} Mbit/s: an emulated network to the storage; the registry stays on loopback), ",
+                        l.latency.as_micros(),
+                        l.bandwidth_bytes_per_sec.map_or(0, |b| b * 8 / 1_000_000)
+                    ),
+                    None => "no emulated link, ".into(),
+                }
+            ),
+        }
+    }
+
+    fn st(&mut self, image: &BuiltImage) -> &mut State {
+        self.state.entry(image.spec.name.clone()).or_default()
+    }
+
+    fn fetched_so_far(&self) -> u64 {
+        self.counting
+            .as_ref()
+            .map_or(0, |c| c.counts().bytes_read())
+    }
+
+    fn mount_options(&self) -> MountOptions {
+        MountOptions::default().with_work_dir(&self.mnt_dir)
+    }
+}
+
+#[async_trait]
+impl BenchPath for SlackerPath {
+    fn name(&self) -> &str {
+        self.mode.name()
+    }
+
+    async fn prepare(&mut self, image: &BuiltImage) -> Result<Step> {
+        let (base, import_secs) = self.storage.import(image).await?;
+        self.counter += 1;
+        let dev = format!("dev-{}-{}", self.mode.name(), self.counter);
+        let builder = &self.storage.builder;
+        let vol = builder.create(&dev, Some(&base)).await?;
+        let path = self.storage.backend.local_path(&vol).await?;
+        let used = std::fs::metadata(&path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .blocks()
+            * 512;
+        let st = self.st(image);
+        st.dev_layer = Some(dev.clone());
+        st.used_bytes = used;
+        // Fresh clients, built here untimed (see `crate::path::Path::prepare`).
+        st.push_client = Some(RegistryClient::new(ClientOptions::plain_http()));
+        st.pull_client = Some(RegistryClient::new(ClientOptions::plain_http()));
+        let mut parts = Vec::new();
+        if let Some(s) = import_secs {
+            parts.push(("import (mke2fs -d + write)".to_string(), s));
+        }
+        Ok(Step {
+            parts,
+            notes: vec![format!(
+                "developer's container: layer {dev} cloned from {base}; {} allocated",
+                crate::report::fmt_bytes(used)
+            )],
+            ..Step::default()
+        })
+    }
+
+    async fn push(&mut self, image: &BuiltImage) -> Result<Step> {
+        self.counter += 1;
+        let dev = self
+            .st(image)
+            .dev_layer
+            .clone()
+            .ok_or_else(|| Error::msg("push before prepare"))?;
+        let reference = format!(
+            "{}/hellobench-slacker/{}:{}-{}",
+            self.storage.registry, image.spec.name, self.run_tag, self.counter
+        );
+        let client = self
+            .st(image)
+            .push_client
+            .take()
+            .ok_or_else(|| Error::msg("push before prepare"))?;
+        let report = client
+            .push_image(
+                &self.storage.builder,
+                &dev,
+                &reference,
+                &PushOptions::default(),
+            )
+            .await
+            .with_context(|| format!("pushing {reference}"))?;
+        let snapshot = self.storage.builder.layer(&dev).await?.snapshot;
+        let st = self.st(image);
+        st.image_ref = Some(reference);
+        st.pushed = snapshot.clone();
+        Ok(Step {
+            network_bytes: report.bytes_uploaded(),
+            layer_bytes: Some(report.layer_bytes_uploaded()),
+            notes: vec![format!(
+                "manifest {}; snapshot {}",
+                report.manifest_digest,
+                snapshot.map_or_else(|| "?".into(), |s| s.to_string())
+            )],
+            ..Step::default()
+        })
+    }
+
+    async fn pull(&mut self, image: &BuiltImage) -> Result<Step> {
+        let reference = self
+            .st(image)
+            .image_ref
+            .clone()
+            .ok_or_else(|| Error::msg("pull before push"))?;
+        let client = self
+            .st(image)
+            .pull_client
+            .take()
+            .ok_or_else(|| Error::msg("pull before prepare"))?;
+        let report = client
+            .pull_image(&self.worker, &reference)
+            .await
+            .with_context(|| format!("pulling {reference}"))?;
+        let kinds: Vec<String> = report
+            .layers
+            .iter()
+            .map(|l| format!("{:?} {} B", l.kind, l.blob.size))
+            .collect();
+        self.st(image).top = Some(report.top_layer.clone());
+        Ok(Step {
+            network_bytes: report.bytes_downloaded(),
+            layer_bytes: Some(report.layer_bytes_downloaded()),
+            notes: vec![format!(
+                "manifest {} B, config {} B, layers: {}",
+                report.manifest_bytes,
+                report.config_bytes,
+                kinds.join(", ")
+            )],
+            ..Step::default()
+        })
+    }
+
+    async fn run(&mut self, image: &BuiltImage) -> Result<Step> {
+        self.counter += 1;
+        let name = image.spec.name.clone();
+        let top = self
+            .st(image)
+            .top
+            .clone()
+            .ok_or_else(|| Error::msg("run before pull"))?;
+        let before = self.fetched_so_far();
+        self.st(image).fetched_before = before;
+        let log = self
+            .logs
+            .join(format!("{}-{name}-{}.log", self.mode.name(), self.counter));
+        let readiness = image.spec.readiness.clone();
+        let timeout = self.timeout;
+        let opts = self.mount_options();
+
+        let t = Instant::now();
+        let vol = self.worker.get(&top).await?;
+        self.st(image).got = true;
+        let loops = storage::LoopReads::now();
+        self.st(image).loops_before = loops.clone();
+        let t_get = t.elapsed().as_secs_f64();
+        let image_bytes = self.worker.layer(&top).await?.size;
+        // Mount the clone by this mode's route and start the container; if anything fails,
+        // the guards tear down on this blocking thread.
+        let started = match self.mode {
+            Mode::Kernel => {
+                let path = self.data.local_path(&vol).await?;
+                blocking(move || {
+                    let t = Instant::now();
+                    let m = Mount::local_file(&path, &opts)
+                        .with_context(|| format!("loop-mounting {}", path.display()))?;
+                    let t_mount = t.elapsed().as_secs_f64();
+                    start(m, t_mount, &loops, &readiness, timeout, &log)
+                })
+                .await
+            }
+            Mode::Lazy => {
+                let lazy = LazyVolume::open(
+                    self.data.clone(),
+                    vol,
+                    self.cache.clone(),
+                    LazyVolumeOptions::default(),
+                )
+                .await?;
+                blocking(move || {
+                    let t = Instant::now();
+                    let m = Mount::lazy(lazy, &opts).context("FUSE + loop mount")?;
+                    let t_mount = t.elapsed().as_secs_f64();
+                    start(m, t_mount, &loops, &readiness, timeout, &log)
+                })
+                .await
+            }
+        };
+        let (mount, running, read, t_mount) = started.with_context(|| format!("running {name}"))?;
+        let total = t.elapsed().as_secs_f64();
+        let fetched = self.fetched_so_far() - before;
+        let mut notes = vec![format!("ready: {}", running.answer)];
+        if let Some(v) = mount.volume() {
+            let m = v.metrics();
+            notes.push(format!(
+                "data path: {} reads ({} B), {} backend requests fetching {} B, cache hits {} / misses {} (blocks), {} read-ahead blocks",
+                m.reads,
+                m.read_bytes,
+                m.backend_requests,
+                m.fetched_bytes,
+                m.cache_hits,
+                m.cache_misses,
+                m.read_ahead_blocks
+            ));
+        }
+        let st = self.st(image);
+        let used = st.used_bytes;
+        st.mount = Some(mount);
+        st.running = Some(running);
+        // Kernel path: the storage is local, so what the loop device read from the clone is
+        // what a shared-storage deployment would have fetched.
+        let fetched = match self.mode {
+            Mode::Kernel => read,
+            Mode::Lazy => fetched,
+        };
+        Ok(Step {
+            network_bytes: fetched,
+            read_bytes: Some(read),
+            fetched_bytes: Some(fetched),
+            image_bytes: Some(image_bytes),
+            image_used_bytes: Some(used),
+            parts: vec![
+                ("get (clone)".into(), t_get),
+                (
+                    match self.mode {
+                        Mode::Kernel => "loop mount".into(),
+                        Mode::Lazy => "FUSE + loop mount".into(),
+                    },
+                    t_mount,
+                ),
+                ("start+ready".into(), total - t_get - t_mount),
+            ],
+            notes,
+            ..Step::default()
+        })
+    }
+
+    async fn stop(&mut self, image: &BuiltImage) -> Result<Step> {
+        let before = self.st(image).fetched_before;
+        let st = self.st(image);
+        let loops = std::mem::take(&mut st.loops_before);
+        let (running, mount) = (st.running.take(), st.mount.take());
+        let got = std::mem::take(&mut st.got);
+        let top = st.top.clone();
+        let read = blocking(move || {
+            let r = running.map_or(Ok(()), Running::stop);
+            let mut read = None;
+            if let Some(m) = mount {
+                read = m.loop_device().and_then(|d| loops.since(d).ok());
+                m.unmount().context("unmounting the container's ext4")?;
+            }
+            r.map(|()| read)
+        })
+        .await?;
+        if got && let Some(top) = top {
+            self.worker.put(&top).await?;
+        }
+        let mut notes = Vec::new();
+        if let Some(r) = read {
+            notes.push(format!("loop device read {r} B in all (until stop)"));
+        }
+        if self.counting.is_some() {
+            notes.push(format!(
+                "fetched {} B in all (until stop)",
+                self.fetched_so_far() - before
+            ));
+        }
+        Ok(Step {
+            notes,
+            ..Step::default()
+        })
+    }
+
+    async fn clean(&mut self, image: &BuiltImage) -> Result<()> {
+        let st = self.state.remove(&image.spec.name).unwrap_or_default();
+        let State {
+            running,
+            mount,
+            dev_layer,
+            pushed,
+            top,
+            got,
+            ..
+        } = st;
+        blocking(move || {
+            drop(running);
+            drop(mount);
+            Ok(())
+        })
+        .await?;
+        let mut first: Option<Error> = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        if let Some(top) = &top {
+            if got {
+                note(ignore_not_found(self.worker.put(top).await));
+            }
+            note(
+                ignore_not_found(self.worker.remove(top).await)
+                    .context("removing the pulled layer"),
+            );
+        }
+        if let Some(dev) = &dev_layer {
+            note(
+                ignore_not_found(self.storage.builder.remove(dev).await)
+                    .context("removing the developer's layer"),
+            );
+        }
+        if let Some(s) = &pushed {
+            note(
+                ignore_not_found(self.storage.backend.remove_snapshot(s).await)
+                    .context("removing the pushed snapshot"),
+            );
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Start the container in `m`'s root; on failure `m` is torn down here. Also returns the
+/// bytes its loop device read (since `loops` was taken, just before attaching).
+fn start(
+    m: Mount,
+    t_mount: f64,
+    loops: &storage::LoopReads,
+    readiness: &crate::spec::Readiness,
+    timeout: Duration,
+    log: &Path,
+) -> Result<(Mount, Running, u64, f64)> {
+    let running = container::start_and_wait(m.root(), readiness, timeout, log)?;
+    let read = match m.loop_device() {
+        Some(d) => loops.since(d)?,
+        None => 0,
+    };
+    Ok((m, running, read, t_mount))
+}
