@@ -24,6 +24,7 @@ use slacker_backend_mem::MemBackend;
 use slacker_core::Backend;
 
 pub mod checks;
+pub mod crash;
 pub mod faulty;
 pub mod model;
 

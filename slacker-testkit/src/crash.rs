@@ -1,0 +1,239 @@
+//! A crash-consistency workload shared by the backends' crash tests.
+//!
+//! A backend test runs [`workload`] once with a [`CrashPlan`](slacker_core::persist::CrashPlan)
+//! that never fires to count its sync points, then once per sync point with a plan that
+//! crashes there, reopens the storage, and asks [`matches`] whether what it finds equals
+//! the mem model before or after the interrupted operation ([`apply_model`]).
+
+use std::collections::BTreeMap;
+
+use slacker_backend_mem::State;
+use slacker_core::{
+    Backend, BackendExt, BlockIndex, BlockSize, Result, SnapshotId, VolumeId, VolumeOptions,
+};
+
+use crate::checks::pattern;
+
+/// One step of the crash workload. Snapshots are named by their position in the list of
+/// snapshots the workload minted.
+#[derive(Clone, Debug)]
+#[allow(missing_docs)]
+pub enum Op {
+    Create(&'static str, u64, u32),
+    Write(&'static str, u64, usize, u8),
+    Flush(&'static str),
+    Snapshot(&'static str),
+    Clone(usize, &'static str),
+    Hold(usize, &'static str),
+    Release(usize, &'static str),
+    RemoveVolume(&'static str),
+    RemoveSnapshot(usize),
+}
+
+/// Bytes in a 4 KiB block.
+pub const K: u64 = 4096;
+
+/// A workload touching every kind of metadata update: create, write, flush, snapshot,
+/// clone, hold, release and both removes, over 4 KiB and 512-byte block sizes.
+pub fn workload() -> Vec<Op> {
+    use Op::*;
+    vec![
+        Create("a", 8 * K, 4096),
+        Write("a", 100, 3 * K as usize, 1),
+        Flush("a"),
+        Snapshot("a"), // s0
+        Clone(0, "b"),
+        Write("b", 2 * K + 5, 10, 2),
+        Hold(0, "layer-x"),
+        Snapshot("b"), // s1
+        Write("a", 5 * K, K as usize, 3),
+        Flush("b"),
+        Create("c", 4 * 512, 512),
+        Write("c", 700, 100, 4),
+        Snapshot("c"), // s2
+        Clone(2, "e"),
+        Release(0, "layer-x"),
+        RemoveVolume("a"),
+        RemoveSnapshot(0),
+        Clone(1, "d"),
+        Write("d", 0, 50, 5),
+        Flush("d"),
+        RemoveVolume("b"),
+        Hold(1, "keep"),
+        RemoveSnapshot(2),
+    ]
+}
+
+fn vid(s: &str) -> VolumeId {
+    VolumeId::new(s).expect("valid volume id")
+}
+
+/// Applies `op` to the model; returns the snapshot it minted, if any.
+///
+/// # Panics
+/// If the workload is invalid on the model.
+pub fn apply_model(
+    m: &mut State,
+    op: &Op,
+    snaps: &[(SnapshotId, SnapshotId)],
+) -> Option<SnapshotId> {
+    let r: Result<Option<SnapshotId>> = match op {
+        Op::Create(v, size, bs) => m
+            .create_volume(
+                &vid(v),
+                &VolumeOptions::new(*size)
+                    .with_block_size(BlockSize::new(*bs).expect("valid block size")),
+            )
+            .map(|_| None),
+        Op::Write(v, off, len, seed) => m
+            .write_at(&vid(v), *off, &pattern(*len, *seed))
+            .map(|_| None),
+        Op::Flush(v) => m.flush(&vid(v)).map(|_| None),
+        Op::Snapshot(v) => m.snapshot(&vid(v)).map(Some),
+        Op::Clone(s, v) => m.clone_snapshot(&snaps[*s].1, &vid(v)).map(|_| None),
+        Op::Hold(s, h) => m.hold_snapshot(&snaps[*s].1, h).map(|_| None),
+        Op::Release(s, h) => m.release_snapshot(&snaps[*s].1, h).map(|_| None),
+        Op::RemoveVolume(v) => m.remove_volume(&vid(v)).map(|_| None),
+        Op::RemoveSnapshot(s) => m.remove_snapshot(&snaps[*s].1).map(|_| None),
+    };
+    r.expect("the workload is valid on the model")
+}
+
+/// Applies `op` to a backend; returns the snapshot it minted, if any. `snaps` pairs the
+/// backend and model ids of the snapshots minted so far.
+///
+/// # Errors
+/// Whatever the backend returns (for example an injected crash).
+pub async fn apply_backend<B: Backend + ?Sized>(
+    b: &B,
+    op: &Op,
+    snaps: &[(SnapshotId, SnapshotId)],
+) -> Result<Option<SnapshotId>> {
+    Ok(match op {
+        Op::Create(v, size, bs) => {
+            let o = VolumeOptions::new(*size)
+                .with_block_size(BlockSize::new(*bs).expect("valid block size"));
+            b.create_volume(&vid(v), &o).await?;
+            None
+        }
+        Op::Write(v, off, len, seed) => {
+            b.write_at(&vid(v), *off, &pattern(*len, *seed)).await?;
+            None
+        }
+        Op::Flush(v) => {
+            b.flush(&vid(v)).await?;
+            None
+        }
+        Op::Snapshot(v) => Some(b.snapshot(&vid(v)).await?),
+        Op::Clone(s, v) => {
+            b.clone_snapshot(&snaps[*s].0, &vid(v)).await?;
+            None
+        }
+        Op::Hold(s, h) => {
+            b.hold_snapshot(&snaps[*s].0, h).await?;
+            None
+        }
+        Op::Release(s, h) => {
+            b.release_snapshot(&snaps[*s].0, h).await?;
+            None
+        }
+        Op::RemoveVolume(v) => {
+            b.remove_volume(&vid(v)).await?;
+            None
+        }
+        Op::RemoveSnapshot(s) => {
+            b.remove_snapshot(&snaps[*s].0).await?;
+            None
+        }
+    })
+}
+
+/// Checks that a (reopened) backend holds exactly the model's state: same volumes and
+/// snapshots, sizes, origins, holds and contents, no diverged block lost, and the bitmap
+/// invariant. `snaps` maps the ids the workload saw; `pending` is the model id of a
+/// snapshot whose backend id was never returned (the interrupted operation).
+///
+/// # Errors
+/// What differs.
+pub async fn matches<B: Backend + ?Sized>(
+    b: &B,
+    m: &State,
+    snaps: &[(SnapshotId, SnapshotId)],
+    pending: Option<&SnapshotId>,
+) -> std::result::Result<(), String> {
+    // Map backend snapshot ids to model ids.
+    let mut to_model: BTreeMap<SnapshotId, SnapshotId> = snaps.iter().cloned().collect();
+    let live = b.list_snapshots().await.map_err(|e| e.to_string())?;
+    let unknown: Vec<_> = live.iter().filter(|s| !to_model.contains_key(s)).collect();
+    match (unknown.as_slice(), pending) {
+        ([], _) => {}
+        ([one], Some(p)) => {
+            to_model.insert((*one).clone(), p.clone());
+        }
+        (more, _) => return Err(format!("unexpected snapshots {more:?}")),
+    }
+    let mut mapped: Vec<SnapshotId> = live.iter().map(|s| to_model[s].clone()).collect();
+    mapped.sort();
+    if mapped != m.list_snapshots() {
+        return Err(format!(
+            "snapshots {mapped:?} vs model {:?}",
+            m.list_snapshots()
+        ));
+    }
+    for s in &live {
+        let (bs, ms) = (
+            b.stat_snapshot(s).await.map_err(|e| e.to_string())?,
+            m.stat_snapshot(&to_model[s]).unwrap(),
+        );
+        if bs.holds != ms.holds || bs.size != ms.size || bs.block_size != ms.block_size {
+            return Err(format!("snapshot {s}: {bs:?} vs {ms:?}"));
+        }
+        if !ms.diverged.is_subset(&bs.diverged) {
+            return Err(format!("snapshot {s} lost diverged blocks"));
+        }
+        let data = b.read_snapshot(s).await.map_err(|e| e.to_string())?;
+        if data
+            != m.read_snapshot_at(&to_model[s], 0, ms.size as usize)
+                .unwrap()
+        {
+            return Err(format!("snapshot {s} content differs"));
+        }
+    }
+    let vols = b.list_volumes().await.map_err(|e| e.to_string())?;
+    if vols != m.list_volumes() {
+        return Err(format!("volumes {vols:?} vs model {:?}", m.list_volumes()));
+    }
+    for v in &vols {
+        let (bs, ms) = (
+            b.stat_volume(v).await.map_err(|e| e.to_string())?,
+            m.stat_volume(v).unwrap(),
+        );
+        let origin = bs.origin.as_ref().map(|o| to_model.get(o).cloned());
+        if (bs.size, bs.block_size, origin) != (ms.size, ms.block_size, ms.origin.clone().map(Some))
+        {
+            return Err(format!("volume {v}: {bs:?} vs {ms:?}"));
+        }
+        if !ms.diverged.is_subset(&bs.diverged) {
+            return Err(format!("volume {v} lost diverged blocks"));
+        }
+        let data = b.read_volume(v).await.map_err(|e| e.to_string())?;
+        if data != m.read_at(v, 0, ms.size as usize).unwrap() {
+            return Err(format!("volume {v} content differs"));
+        }
+        // Bitmap invariant against the origin (when it still exists) or zeros.
+        let bsz = bs.block_size.bytes() as usize;
+        let origin_data = match &bs.origin {
+            Some(o) => b.read_snapshot(o).await.ok(),
+            None => Some(vec![0u8; bs.size as usize].into()),
+        };
+        if let Some(od) = origin_data {
+            for i in 0..(bs.size as usize / bsz) {
+                let r = i * bsz..(i + 1) * bsz;
+                if !bs.diverged.contains(BlockIndex(i as u32)) && data[r.clone()] != od[r] {
+                    return Err(format!("volume {v}: block {i} outside the bitmap differs"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
