@@ -17,17 +17,28 @@ use slacker_hellobench::report::{self, Host, Results};
 use slacker_hellobench::slacker::{Mode, SlackerPath, Storage};
 use slacker_hellobench::spec::{Corpus, ImageSpec, Spec};
 use slacker_hellobench::storage::{self, BtrfsImage};
-use slacker_hellobench::{dedup, progress, sys};
+use slacker_hellobench::{dedup, nfs, progress, sys};
 
 /// Every path, in measuring order.
-const ALL_PATHS: [&str; 3] = ["baseline", "slacker", "slacker-lazy"];
+const ALL_PATHS: [&str; 4] = ["baseline", "slacker", "slacker-lazy", "slacker-nfs"];
+
+/// The paths measured without `--paths`: `slacker-nfs` only when `SLACKER_NFS_ADDR` names
+/// a server (it is opt-in: without one, `--paths ...,slacker-nfs` starts the knfsd VM).
+fn default_paths() -> Vec<String> {
+    ALL_PATHS
+        .iter()
+        .filter(|p| **p != "slacker-nfs" || nfs::configured().is_some())
+        .map(|p| (*p).to_owned())
+        .collect()
+}
 
 const USAGE: &str = "\
 usage: slacker-hellobench [COMMAND] [OPTIONS]
 
 commands:
   bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
-           slacker, slacker-lazy), dedup analysis, write results
+           slacker, slacker-lazy, and slacker-nfs when SLACKER_NFS_ADDR is set), dedup
+           analysis, write results
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
   check    say what this host can run and what is missing
@@ -39,7 +50,9 @@ options:
   --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
                           SLACKER_CACHE defaults to /var/cache/slacker)
   --reps N                repetitions per image, median reported (default: 1)
-  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy)
+  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy, plus
+                          slacker-nfs if SLACKER_NFS_ADDR=host:port is set; naming slacker-nfs
+                          without it starts/reuses the knfsd VM, slacker-backend-nfs/server)
   --link-latency-us N     slacker-lazy: emulated latency per storage request (default 200;
                           0 with --link-mbit 0 turns the emulated link off)
   --link-mbit N           slacker-lazy: emulated storage link bandwidth (default 1000; 0 = unlimited)
@@ -101,7 +114,7 @@ fn parse_args() -> Result<Args> {
         rebuild: false,
         dedup: true,
         from: None,
-        paths: ALL_PATHS.iter().map(|p| (*p).to_owned()).collect(),
+        paths: default_paths(),
         link_latency_us: 200,
         link_mbit: 1000,
         busybox: false,
@@ -307,7 +320,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
     let pf = preflight::check();
     if args.command == "check" {
         println!(
-            "root: {}\nbuild Debian corpus: {}\nbuild busybox shell: {}\npush/pull (registry): {}\nrun containers (baseline): {}\nslacker push/pull (btrfs, e2fsprogs): {}\nslacker run (loop, ext4): {}\nslacker-lazy run (FUSE): {}",
+            "root: {}\nbuild Debian corpus: {}\nbuild busybox shell: {}\npush/pull (registry): {}\nrun containers (baseline): {}\nslacker push/pull (btrfs, e2fsprogs): {}\nslacker run (loop, ext4): {}\nslacker-lazy run (FUSE): {}\nslacker-nfs (opt-in) push/pull: {}, run: {}, server: {}",
             pf.root,
             pf.debootstrap,
             pf.busybox,
@@ -315,7 +328,17 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
             pf.run,
             pf.slacker,
             pf.slacker_run,
-            pf.slacker_lazy_run
+            pf.slacker_lazy_run,
+            pf.slacker_nfs,
+            pf.slacker_nfs_run,
+            nfs::configured().map_or_else(
+                || format!(
+                    "{} not set (to measure slacker-nfs: {})",
+                    nfs::ENV_NFS_ADDR,
+                    nfs::HOW
+                ),
+                |a| format!("{}={a}", nfs::ENV_NFS_ADDR)
+            )
         );
         for m in &pf.missing {
             println!("{m}");
@@ -471,6 +494,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                     let can_run = match mode {
                         Mode::Kernel => pf.slacker_run,
                         Mode::Lazy => pf.slacker_lazy_run,
+                        Mode::Nfs => pf.slacker_nfs_run,
                     };
                     if !can_run {
                         skipped.push(format!(
@@ -495,6 +519,28 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 drop(storage);
                 tokio::task::spawn_blocking(move || drop(btrfs)).await?;
             }
+            if args.wants("slacker-nfs") {
+                let pr = run_nfs(
+                    &pf,
+                    registry.addr(),
+                    &images,
+                    timeout,
+                    work,
+                    plan,
+                    &mut skipped,
+                    &mut results,
+                )
+                .await?;
+                match pr {
+                    Some(pr) => {
+                        ok &= all_ok(&pr);
+                        results.paths.push(pr);
+                    }
+                    // A server was configured but cannot be used: a failure, not an opt-out.
+                    None if nfs::configured().is_some() => ok = false,
+                    None => {}
+                }
+            }
             drop(registry);
         }
     }
@@ -515,6 +561,54 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
     };
     write_results(&results, &args.out, prefix)?;
     Ok(ok)
+}
+
+/// The `slacker-nfs` path: find (or start) the server, import, measure, remove the imports.
+/// `None` (with a line in `skipped`) when it cannot be measured here.
+#[allow(clippy::too_many_arguments)]
+async fn run_nfs(
+    pf: &Preflight,
+    registry: &str,
+    images: &[BuiltImage],
+    timeout: Duration,
+    work: &std::path::Path,
+    plan: impl Fn(bool) -> Plan,
+    skipped: &mut Vec<String>,
+    results: &mut Results,
+) -> Result<Option<bench::PathResults>> {
+    if !pf.slacker_nfs {
+        skipped.push("slacker-nfs: needs e2fsprogs (images are imported as ext4; see the missing lines above)".into());
+        return Ok(None);
+    }
+    let server = match tokio::task::spawn_blocking(nfs::find).await? {
+        Ok(s) => s,
+        Err(why) => {
+            skipped.push(format!(
+                "slacker-nfs: no NFS server ({why}); fix: {}",
+                nfs::HOW
+            ));
+            return Ok(None);
+        }
+    };
+    progress!("slacker-nfs: NFS server {}", server.how);
+    if !pf.slacker_nfs_run {
+        skipped.push("slacker-nfs run phase: needs root, losetup, ext4 and /dev/fuse (see the missing lines above)".into());
+    }
+    let storage = match Storage::open_nfs(&server.addr, registry, work).await {
+        Ok(s) => s,
+        Err(e) => {
+            skipped.push(format!("slacker-nfs: {e}; fix: {}", nfs::HOW));
+            return Ok(None);
+        }
+    };
+    let mut path = SlackerPath::new(Mode::Nfs, storage.clone(), None, timeout, work).await?;
+    results
+        .notes
+        .push(format!("{} (server: {})", path.describe(), server.how));
+    let pr = bench::measure(&mut path, images, plan(pf.slacker_nfs_run)).await;
+    drop(path);
+    storage.remove_imports().await;
+    Ok(Some(pr))
 }
 
 /// Size of the sparse btrfs image for `images`: room for every image imported as ext4

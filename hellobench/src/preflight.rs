@@ -43,6 +43,10 @@ pub struct Preflight {
     pub slacker_run: bool,
     /// Slacker's run through the lazy data path: also `/dev/fuse`.
     pub slacker_lazy_run: bool,
+    /// `slacker-nfs` push and pull: e2fsprogs (the NFS server is found separately).
+    pub slacker_nfs: bool,
+    /// `slacker-nfs` run: root + losetup + chroot + ext4 + `/dev/fuse` (no btrfs needed).
+    pub slacker_nfs_run: bool,
     /// Everything that is missing.
     pub missing: Vec<Missing>,
 }
@@ -157,6 +161,8 @@ pub fn check() -> Preflight {
         slacker,
         slacker_run,
         slacker_lazy_run: slacker_run && fuse,
+        slacker_nfs: e2fs,
+        slacker_nfs_run: e2fs && root && losetup && chroot && ext4 && fuse,
         missing: m,
     }
 }

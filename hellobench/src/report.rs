@@ -462,7 +462,7 @@ impl Results {
             pct(p.median.fetched_of_used),
             pct(crate::bench::median(fr)),
         );
-        s + "\nPush/pull: bytes to/from the registry (blobs + config + manifests), layer blobs in parentheses. Fetched at startup: image bytes read from storage until the container was ready (slacker: the loop device's reads of the clone; slacker-lazy: bytes the data path fetched from the backend). Image size: the volume's logical size; used: bytes allocated to it; file contents: the tree's regular-file bytes. Fractions are medians of per-image fractions.\n\n"
+        s + "\nPush/pull: bytes to/from the registry (blobs + config + manifests), layer blobs in parentheses. Fetched at startup: image bytes read from storage until the container was ready (slacker: the loop device's reads of the clone; slacker-lazy and slacker-nfs: bytes the data path fetched from the backend). Image size: the volume's logical size; used: bytes allocated to it; file contents: the tree's regular-file bytes. Fractions are medians of per-image fractions.\n\n"
     }
 
     /// The JSON written to `results.json`.

@@ -11,6 +11,7 @@
 //!  run                get (clone) ─▶ mount the clone's ext4 ─▶ /proc, /dev, chroot, readiness
 //!                       slacker:      losetup on the clone's local file (btrfs, no FUSE)
 //!                       slacker-lazy: LazyVolume ─▶ FUSE disk.img ─▶ losetup (worker data path)
+//!                       slacker-nfs:  as slacker-lazy, over an NfsBackend (knfsd, NFSv4.2)
 //!  stop / clean       stop, unmount, put; remove the worker layer, the developer's layer and
 //!                     the pushed snapshot (untimed)
 //! ```
@@ -40,6 +41,12 @@
 //!   emulates the network to the storage; this kernel has no netem) is served through FUSE
 //!   and loop-mounted; one `BlockCache` serves every run of the path. Bytes fetched from the
 //!   backend before readiness are the run's network bytes.
+//! - `slacker-nfs`: networked shared storage. Its own [`Storage`] on an
+//!   `slacker_backend_nfs::NfsBackend` (a directory of its own per run on the server;
+//!   snapshot and clone are server-side CLONEs), read as in `slacker-lazy` through
+//!   `Counting(NfsBackend)`: the real network path, no emulated link. The import in
+//!   `prepare` writes the image over NFS once per image (untimed); the imports are removed
+//!   at the end ([`Storage::remove_imports`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -49,6 +56,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use slacker_backend_btrfs::BtrfsBuilder;
+use slacker_backend_nfs::NfsBuilder;
 use slacker_core::persist::{DirStore, MetaStore};
 use slacker_core::worker::{
     BlockCache, Counting, LazyVolume, LazyVolumeOptions, LinkProfile, Throttled,
@@ -77,6 +85,9 @@ pub enum Mode {
     /// `LazyVolume` + FUSE + loop, counting (and optionally throttling) backend reads:
     /// `slacker-lazy`.
     Lazy,
+    /// As [`Mode::Lazy`], over an NFS backend (the knfsd VM): the real network path, no
+    /// emulated link: `slacker-nfs`.
+    Nfs,
 }
 
 impl Mode {
@@ -85,12 +96,13 @@ impl Mode {
         match self {
             Self::Kernel => "slacker",
             Self::Lazy => "slacker-lazy",
+            Self::Nfs => "slacker-nfs",
         }
     }
 }
 
-/// What both modes share: the btrfs backend and the developer's (builder's) layer store
-/// with the images imported into it.
+/// What the modes on one backend share: the backend (btrfs, or NFS for `slacker-nfs`) and
+/// the developer's (builder's) layer store with the images imported into it.
 pub struct Storage {
     backend: Arc<dyn Backend>,
     builder: LayerStore<Arc<dyn Backend>>,
@@ -99,6 +111,9 @@ pub struct Storage {
     meta: PathBuf,
     scratch: PathBuf,
     description: String,
+    /// Bytes allocated to a volume are read from its local file (btrfs); otherwise from
+    /// the imported snapshot's written blocks (NFS has no local path).
+    local: bool,
 }
 
 impl std::fmt::Debug for Storage {
@@ -139,8 +154,62 @@ impl Storage {
         let backend = blocking(move || Ok(BtrfsBuilder::new(root).build()?))
             .await
             .context("opening the btrfs backend")?;
-        let backend: Arc<dyn Backend> = Arc::new(backend);
-        let meta = work.join("slacker-meta");
+        Self::with_backend(
+            Arc::new(backend),
+            btrfs.describe(),
+            true,
+            registry,
+            &work.join("slacker-meta"),
+            work,
+        )
+        .await
+    }
+
+    /// Opens an NFS backend on the server `addr` (`host:port`, NFSv4.2), in a directory of
+    /// its own for this run (`hellobench-<pid>-<time>` under the export), and the
+    /// builder's layer store on it.
+    ///
+    /// # Errors
+    /// The server unreachable (within 10 s) or the store failing to open.
+    pub async fn open_nfs(addr: &str, registry: &str, work: &Path) -> Result<Arc<Self>> {
+        let (_, stamp) = crate::sys::now_utc();
+        let dir = format!(
+            "hellobench-{}-{}",
+            std::process::id(),
+            stamp.replace([':', '-'], "").to_lowercase()
+        );
+        let backend = NfsBuilder::new(addr)
+            .dir(dir.clone())
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .await
+            .with_context(|| format!("connecting to the NFS server {addr}"))?;
+        let clone = if backend.uses_clone() {
+            "server-side CLONE"
+        } else {
+            "server-side COPY (the export cannot CLONE)"
+        };
+        let description = format!("NFSv4.2 server {addr}, directory /{dir} ({clone})");
+        Self::with_backend(
+            Arc::new(backend),
+            description,
+            false,
+            registry,
+            &work.join("slacker-meta-nfs"),
+            work,
+        )
+        .await
+    }
+
+    async fn with_backend(
+        backend: Arc<dyn Backend>,
+        description: String,
+        local: bool,
+        registry: &str,
+        meta: &Path,
+        work: &Path,
+    ) -> Result<Arc<Self>> {
+        let meta = meta.to_path_buf();
         let scratch = work.join("slacker-scratch");
         std::fs::create_dir_all(&scratch)?;
         let builder = LayerStore::open(
@@ -159,8 +228,40 @@ impl Storage {
             registry: registry.to_owned(),
             meta,
             scratch,
-            description: btrfs.describe(),
+            description,
+            local,
         }))
+    }
+
+    /// Removes the imported images (the builder's layers and their snapshots) from the
+    /// storage: for storage that outlives the run (an NFS server). Best effort.
+    pub async fn remove_imports(&self) {
+        let layers: Vec<String> = self.imports.lock().await.drain().map(|(_, l)| l).collect();
+        for l in layers {
+            if let Err(e) = ignore_not_found(self.builder.remove(&l).await) {
+                crate::progress!("storage: leaving imported layer {l}: {e}");
+            }
+        }
+    }
+
+    /// Bytes allocated to the developer's volume `vol`, a clone of the imported `base`.
+    async fn used_bytes(&self, vol: &slacker_core::VolumeId, base: &str) -> Result<u64> {
+        if self.local {
+            let path = self.backend.local_path(vol).await?;
+            return Ok(std::fs::metadata(&path)
+                .with_context(|| format!("stat {}", path.display()))?
+                .blocks()
+                * 512);
+        }
+        // No local file: the blocks the import wrote (the clone shares them).
+        let snap = self
+            .builder
+            .layer(base)
+            .await?
+            .snapshot
+            .ok_or_else(|| Error::msg(format!("imported layer {base} has no snapshot")))?;
+        let st = self.backend.stat_snapshot(&snap).await?;
+        Ok(st.diverged.len() * st.block_size.bytes())
     }
 
     /// Where the storage is, for the results' notes.
@@ -253,6 +354,10 @@ impl SlackerPath {
     ) -> Result<Self> {
         let (data, counting, link) = match mode {
             Mode::Kernel => (storage.backend.clone(), None, None),
+            Mode::Nfs => {
+                let c = Arc::new(Counting::new(storage.backend.clone()));
+                (c.clone() as Arc<dyn Backend>, Some(c), None)
+            }
             Mode::Lazy => {
                 let inner: Arc<dyn Backend> = match link {
                     Some(p) => Arc::new(Throttled::new(storage.backend.clone(), p)),
@@ -265,6 +370,7 @@ impl SlackerPath {
         let store_name = match mode {
             Mode::Kernel => "worker",
             Mode::Lazy => "worker-lazy",
+            Mode::Nfs => "worker-nfs",
         };
         let worker = LayerStore::open(
             data.clone(),
@@ -315,6 +421,11 @@ impl SlackerPath {
                     None => "no emulated link, ".into(),
                 }
             ),
+            Mode::Nfs => format!(
+                "{}: push = snapshot (server-side) + reference layer + config + manifest; pull = manifest + config + reference layer, apply_diff (lazy: no data); run = get (server-side clone) + LazyVolume (default options) over Counting(NfsBackend) + FUSE disk.img + losetup + mount ext4 + /proc, /dev, chroot, readiness; the real network path to the NFS server, no emulated link; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness; prepare imports each image (ext4) into an NFS volume once (untimed); storage: {}",
+                self.mode.name(),
+                self.storage.describe()
+            ),
         }
     }
 
@@ -345,11 +456,7 @@ impl BenchPath for SlackerPath {
         let dev = format!("dev-{}-{}", self.mode.name(), self.counter);
         let builder = &self.storage.builder;
         let vol = builder.create(&dev, Some(&base)).await?;
-        let path = self.storage.backend.local_path(&vol).await?;
-        let used = std::fs::metadata(&path)
-            .with_context(|| format!("stat {}", path.display()))?
-            .blocks()
-            * 512;
+        let used = self.storage.used_bytes(&vol, &base).await?;
         let st = self.st(image);
         st.dev_layer = Some(dev.clone());
         st.used_bytes = used;
@@ -483,7 +590,7 @@ impl BenchPath for SlackerPath {
                 })
                 .await
             }
-            Mode::Lazy => {
+            Mode::Lazy | Mode::Nfs => {
                 let lazy = LazyVolume::open(
                     self.data.clone(),
                     vol,
@@ -525,7 +632,7 @@ impl BenchPath for SlackerPath {
         // what a shared-storage deployment would have fetched.
         let fetched = match self.mode {
             Mode::Kernel => read,
-            Mode::Lazy => fetched,
+            Mode::Lazy | Mode::Nfs => fetched,
         };
         Ok(Step {
             network_bytes: fetched,
@@ -538,7 +645,7 @@ impl BenchPath for SlackerPath {
                 (
                     match self.mode {
                         Mode::Kernel => "loop mount".into(),
-                        Mode::Lazy => "FUSE + loop mount".into(),
+                        Mode::Lazy | Mode::Nfs => "FUSE + loop mount".into(),
                     },
                     t_mount,
                 ),
