@@ -2,7 +2,7 @@
 //!
 //! A backend test runs [`workload`] once with a [`CrashPlan`](slacker_core::persist::CrashPlan)
 //! that never fires to count its sync points, then once per sync point with a plan that
-//! crashes there, reopens the storage, and asks [`matches`] whether what it finds equals
+//! crashes there, reopens the storage, and asks [`matches()`] whether what it finds equals
 //! the mem model before or after the interrupted operation ([`apply_model`]).
 
 use std::collections::BTreeMap;
