@@ -6,14 +6,8 @@
 mod support;
 
 use slacker_backend_btrfs::{BtrfsBuilder, Durability};
-use slacker_backend_mem::State;
 use slacker_core::persist::CrashPlan;
-use slacker_core::{Backend, VolumeId, VolumeOptions};
-use slacker_testkit::crash::{K, apply_backend, apply_model, matches, workload};
-
-fn vid(s: &str) -> VolumeId {
-    VolumeId::new(s).unwrap()
-}
+use slacker_testkit::crash::{matches, run_until_crash, workload};
 
 async fn crash_everywhere(durability: Durability) {
     let ops = workload();
@@ -27,18 +21,14 @@ async fn crash_everywhere(durability: Durability) {
         .crash_plan(count.clone())
         .build()
         .unwrap();
-    let mut snaps = Vec::new();
-    let mut model = State::new();
-    for op in &ops {
-        let bs = apply_backend(&b, op, &snaps).await.expect("clean run");
-        let ms = apply_model(&mut model, op, &snaps);
-        if let (Some(bs), Some(ms)) = (bs, ms) {
-            snaps.push((bs, ms));
-        }
-    }
+    let clean = run_until_crash(&b, &ops, &count).await;
+    assert!(
+        clean.interrupted.is_none(),
+        "a plan that never fires interrupted the run"
+    );
     let reopened = support::open(dir.path());
     drop(b);
-    matches(&reopened, &model, &snaps, None)
+    matches(&reopened, &clean.model, &clean.snaps, None)
         .await
         .expect("clean run reopens as the model");
     let total = count.points();
@@ -53,52 +43,15 @@ async fn crash_everywhere(durability: Durability) {
             .crash_plan(plan.clone())
             .build()
             .unwrap();
-        let (mut snaps, mut model) = (Vec::new(), State::new());
-        let mut interrupted = None;
-        for op in &ops {
-            match apply_backend(&b, op, &snaps).await {
-                Ok(bs) => {
-                    assert!(
-                        !plan.crashed(),
-                        "crash {n}: {op:?} succeeded after the crash"
-                    );
-                    if let (Some(bs), Some(ms)) = (bs, apply_model(&mut model, op, &snaps)) {
-                        snaps.push((bs, ms));
-                    }
-                }
-                Err(e) => {
-                    assert!(
-                        plan.crashed() && e.to_string().contains("injected crash"),
-                        "crash {n}: {op:?} failed for another reason: {e}"
-                    );
-                    interrupted = Some(op.clone());
-                    break;
-                }
-            }
-        }
+        let run = run_until_crash(&b, &ops, &plan).await;
         drop(b); // the "dead" process
         let b = support::open(dir.path());
-        let before = model.clone();
-        let mut after = model.clone();
-        let pending = interrupted
-            .as_ref()
-            .and_then(|op| apply_model(&mut after, op, &snaps));
-        let r_before = matches(&b, &before, &snaps, None).await;
-        let r_after = matches(&b, &after, &snaps, pending.as_ref()).await;
-        match (&r_before, &r_after) {
-            (Ok(()), _) => as_before += 1,
-            (_, Ok(())) => as_after += 1,
-            _ => panic!(
-                "crash at sync point {n} during {interrupted:?}: reopened state is neither \
-                 before ({r_before:?}) nor after ({r_after:?})"
-            ),
+        if run.check_reopened(&b).await.before {
+            as_before += 1;
+        } else {
+            as_after += 1;
         }
-        // The reopened backend works, and mints fresh ids.
-        let z = vid("after-crash");
-        b.create_volume(&z, &VolumeOptions::new(K)).await.unwrap();
-        b.write_at(&z, 0, b"ok").await.unwrap();
-        let s = b.snapshot(&z).await.unwrap();
-        assert!(snaps.iter().all(|(x, _)| *x != s), "snapshot id reused");
+        run.check_still_works(&b).await;
     }
     eprintln!(
         "{durability:?}: {total} sync points; reopened as the state before the interrupted \

@@ -11,17 +11,12 @@ mod support;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use slacker_backend_mem::State;
 use slacker_backend_nfs::client::{ClientOptions, NfsClient};
 use slacker_backend_nfs::{NfsBackend, NfsBuilder};
+use slacker_core::Backend;
 use slacker_core::persist::CrashPlan;
-use slacker_core::{Backend, VolumeId, VolumeOptions};
-use slacker_testkit::crash::{K, apply_backend, apply_model, matches, workload};
+use slacker_testkit::crash::{matches, run_until_crash, workload};
 use support::NfsHarness;
-
-fn vid(s: &str) -> VolumeId {
-    VolumeId::new(s).unwrap()
-}
 
 /// Every name under the backend's directory, except the clone probe.
 async fn files(nfs: &NfsClient, base: &str) -> BTreeSet<String> {
@@ -76,45 +71,12 @@ async fn crash_at(h: Arc<NfsHarness>, n: u64) -> Outcome {
         .build()
         .await
         .unwrap();
-    let (mut snaps, mut model) = (Vec::new(), State::new());
-    let mut interrupted = None;
-    for op in &ops {
-        match apply_backend(&b, op, &snaps).await {
-            Ok(bs) => {
-                assert!(
-                    !plan.crashed(),
-                    "crash {n}: {op:?} succeeded after the crash"
-                );
-                if let (Some(bs), Some(ms)) = (bs, apply_model(&mut model, op, &snaps)) {
-                    snaps.push((bs, ms));
-                }
-            }
-            Err(e) => {
-                assert!(
-                    plan.crashed() && e.to_string().contains("injected crash"),
-                    "crash {n}: {op:?} failed for another reason: {e}"
-                );
-                interrupted = Some(op.clone());
-                break;
-            }
-        }
-    }
+    let run = run_until_crash(&b, &ops, &plan).await;
     drop(b); // the "dead" process
     let b = h.open(&dir).await;
-    let before = model.clone();
-    let mut after = model.clone();
-    let pending = interrupted
-        .as_ref()
-        .and_then(|op| apply_model(&mut after, op, &snaps));
-    let r_before = matches(&b, &before, &snaps, None).await;
-    let r_after = matches(&b, &after, &snaps, pending.as_ref()).await;
-    let (outcome, state) = match (&r_before, &r_after) {
-        (Ok(()), _) => (Outcome { before: true }, before),
-        (_, Ok(())) => (Outcome { before: false }, after),
-        _ => panic!(
-            "crash at sync point {n} during {interrupted:?}: reopened state is neither \
-             before ({r_before:?}) nor after ({r_after:?})"
-        ),
+    let recovered = run.check_reopened(&b).await;
+    let outcome = Outcome {
+        before: recovered.before,
     };
     // Garbage collection removes every leftover and nothing that is needed.
     let base = h.config(&dir).base_path();
@@ -132,16 +94,10 @@ async fn crash_at(h: Arc<NfsHarness>, n: u64) -> Outcome {
     }
     assert_eq!(have, want, "crash {n}: files after gc");
     let _ = nfs.close().await;
-    let pending = if outcome.before { None } else { pending };
-    matches(&b, &state, &snaps, pending.as_ref())
+    matches(&b, &recovered.state, &run.snaps, recovered.pending.as_ref())
         .await
         .unwrap_or_else(|e| panic!("crash {n}: gc changed the state: {e}"));
-    // The reopened backend works, and mints fresh ids.
-    let z = vid("after-crash");
-    b.create_volume(&z, &VolumeOptions::new(K)).await.unwrap();
-    b.write_at(&z, 0, b"ok").await.unwrap();
-    let s = b.snapshot(&z).await.unwrap();
-    assert!(snaps.iter().all(|(x, _)| *x != s), "snapshot id reused");
+    run.check_still_works(&b).await;
     let _ = b.close().await;
     outcome
 }
@@ -162,18 +118,14 @@ async fn crash_at_every_sync_point() {
         .await
         .unwrap();
     let built = count.points();
-    let mut snaps = Vec::new();
-    let mut model = State::new();
-    for op in &ops {
-        let bs = apply_backend(&b, op, &snaps).await.expect("clean run");
-        let ms = apply_model(&mut model, op, &snaps);
-        if let (Some(bs), Some(ms)) = (bs, ms) {
-            snaps.push((bs, ms));
-        }
-    }
+    let clean = run_until_crash(&b, &ops, &count).await;
+    assert!(
+        clean.interrupted.is_none(),
+        "a plan that never fires interrupted the run"
+    );
     let reopened = h.open(&dir).await;
     drop(b);
-    matches(&reopened, &model, &snaps, None)
+    matches(&reopened, &clean.model, &clean.snaps, None)
         .await
         .expect("clean run reopens as the model");
     let total = count.points();

@@ -237,3 +237,118 @@ pub async fn matches<B: Backend + ?Sized>(
     }
     Ok(())
 }
+
+/// What a workload run that was crashed (or not) left behind, in the model's terms.
+#[derive(Debug)]
+pub struct CrashedRun {
+    /// Backend and model ids of the snapshots minted before the crash.
+    pub snaps: Vec<(SnapshotId, SnapshotId)>,
+    /// The model after every acknowledged operation.
+    pub model: State,
+    /// The operation the crash interrupted, if any.
+    pub interrupted: Option<Op>,
+}
+
+/// Runs `ops` on `b` until the injected crash: every operation before it must succeed,
+/// the one it hits must fail with "injected crash", and none may run after it.
+///
+/// # Panics
+/// If an operation succeeds after the crash or fails for another reason.
+pub async fn run_until_crash<B: Backend + ?Sized>(
+    b: &B,
+    ops: &[Op],
+    plan: &slacker_core::persist::CrashPlan,
+) -> CrashedRun {
+    let (mut snaps, mut model) = (Vec::new(), State::new());
+    for op in ops {
+        match apply_backend(b, op, &snaps).await {
+            Ok(bs) => {
+                assert!(!plan.crashed(), "{op:?} succeeded after the crash");
+                if let (Some(bs), Some(ms)) = (bs, apply_model(&mut model, op, &snaps)) {
+                    snaps.push((bs, ms));
+                }
+            }
+            Err(e) => {
+                assert!(
+                    plan.crashed() && e.to_string().contains("injected crash"),
+                    "{op:?} failed for another reason: {e}"
+                );
+                return CrashedRun {
+                    snaps,
+                    model,
+                    interrupted: Some(op.clone()),
+                };
+            }
+        }
+    }
+    CrashedRun {
+        snaps,
+        model,
+        interrupted: None,
+    }
+}
+
+/// Which state a reopened backend was found in.
+#[derive(Debug)]
+pub struct Recovered {
+    /// `true`: the state before the interrupted operation; `false`: after it.
+    pub before: bool,
+    /// The model state the backend matches.
+    pub state: State,
+    /// The model id of a snapshot the interrupted operation minted (when `!before`).
+    pub pending: Option<SnapshotId>,
+}
+
+impl CrashedRun {
+    /// Checks that the reopened backend `b` holds the model's state before or after the
+    /// interrupted operation, and says which.
+    ///
+    /// # Panics
+    /// If it matches neither state.
+    pub async fn check_reopened<B: Backend + ?Sized>(&self, b: &B) -> Recovered {
+        let before = self.model.clone();
+        let mut after = self.model.clone();
+        let pending = self
+            .interrupted
+            .as_ref()
+            .and_then(|op| apply_model(&mut after, op, &self.snaps));
+        let r_before = matches(b, &before, &self.snaps, None).await;
+        let r_after = matches(b, &after, &self.snaps, pending.as_ref()).await;
+        match (&r_before, &r_after) {
+            (Ok(()), _) => Recovered {
+                before: true,
+                state: before,
+                pending: None,
+            },
+            (_, Ok(())) => Recovered {
+                before: false,
+                state: after,
+                pending,
+            },
+            _ => panic!(
+                "crash during {:?}: reopened state is neither before ({r_before:?}) nor \
+                 after ({r_after:?})",
+                self.interrupted
+            ),
+        }
+    }
+
+    /// Checks that the reopened backend still works: it creates, writes and snapshots a new
+    /// volume, and the snapshot id is none minted before the crash. (Run it last: it adds
+    /// a volume and a snapshot the model does not know.)
+    ///
+    /// # Panics
+    /// If any of that fails.
+    pub async fn check_still_works<B: Backend + ?Sized>(&self, b: &B) {
+        let z = vid("after-crash");
+        b.create_volume(&z, &VolumeOptions::new(K))
+            .await
+            .expect("create after reopen");
+        b.write_at(&z, 0, b"ok").await.expect("write after reopen");
+        let s = b.snapshot(&z).await.expect("snapshot after reopen");
+        assert!(
+            self.snaps.iter().all(|(x, _)| *x != s),
+            "snapshot id reused after a crash"
+        );
+    }
+}
