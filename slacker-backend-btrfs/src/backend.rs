@@ -377,6 +377,41 @@ impl Inner {
         format!("s{:x}-{}", now.as_millis(), &hex[..16])
     }
 
+    /// Makes a new volume's data file durable (file, then its directory), then writes its
+    /// metadata document: data first, metadata last, so a crash leaves at worst an orphan
+    /// data file that the next open removes.
+    fn record_new_volume(
+        &self,
+        id: &VolumeId,
+        size: u64,
+        block_size: BlockSize,
+        origin: Option<SnapshotId>,
+        path: &Path,
+        file: File,
+    ) -> Result<Vol> {
+        self.point("fsyncing volume file", path)?;
+        file.sync_all().map_err(io_err("fsyncing", path))?;
+        self.fsync_dir("fsyncing volumes directory", &self.volumes_dir)?;
+        let vol = Vol {
+            id: id.clone(),
+            size,
+            block_size,
+            origin,
+            path: path.to_path_buf(),
+            file: Ok(file),
+            state: Mutex::new(VolState {
+                written: BlockBitmap::new(),
+                persisted: BlockBitmap::new(),
+                removed: false,
+            }),
+        };
+        self.write_doc(
+            &meta::volume_doc(id),
+            &meta::encode(&vol.doc(&BlockBitmap::new())),
+        )?;
+        Ok(vol)
+    }
+
     fn create_volume(&self, id: &VolumeId, options: &VolumeOptions) -> Result<()> {
         let _name = self.reserve(&mut self.write_catalog(), id)?;
         let path = self.vol_path(id);
@@ -384,27 +419,7 @@ impl Inner {
         let made = (|| {
             file.set_len(options.size)
                 .map_err(io_err("sizing", &path))?;
-            self.point("fsyncing volume file", &path)?;
-            file.sync_all().map_err(io_err("fsyncing", &path))?;
-            self.fsync_dir("fsyncing volumes directory", &self.volumes_dir)?;
-            let vol = Vol {
-                id: id.clone(),
-                size: options.size,
-                block_size: options.block_size,
-                origin: None,
-                path: path.clone(),
-                file: Ok(file),
-                state: Mutex::new(VolState {
-                    written: BlockBitmap::new(),
-                    persisted: BlockBitmap::new(),
-                    removed: false,
-                }),
-            };
-            self.write_doc(
-                &meta::volume_doc(id),
-                &meta::encode(&vol.doc(&BlockBitmap::new())),
-            )?;
-            Ok(vol)
+            self.record_new_volume(id, options.size, options.block_size, None, &path, file)
         })();
         self.publish(id, &path, made)
     }
@@ -548,27 +563,7 @@ impl Inner {
         let made = (|| {
             self.point("reflinking volume", &path)?;
             sys::reflink(&file, &src).map_err(io_err("reflinking into", &path))?;
-            self.point("fsyncing volume file", &path)?;
-            file.sync_all().map_err(io_err("fsyncing", &path))?;
-            self.fsync_dir("fsyncing volumes directory", &self.volumes_dir)?;
-            let vol = Vol {
-                id: new.clone(),
-                size,
-                block_size,
-                origin: Some(sid.clone()),
-                path: path.clone(),
-                file: Ok(file),
-                state: Mutex::new(VolState {
-                    written: BlockBitmap::new(),
-                    persisted: BlockBitmap::new(),
-                    removed: false,
-                }),
-            };
-            self.write_doc(
-                &meta::volume_doc(new),
-                &meta::encode(&vol.doc(&BlockBitmap::new())),
-            )?;
-            Ok(vol)
+            self.record_new_volume(new, size, block_size, Some(sid.clone()), &path, file)
         })();
         self.publish(new, &path, made)
     }
