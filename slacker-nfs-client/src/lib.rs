@@ -15,8 +15,8 @@
 //! is ignored). `..` is not allowed.
 //!
 //! ```no_run
-//! # async fn demo() -> slacker_backend_nfs::client::Result<()> {
-//! use slacker_backend_nfs::client::{ClientOptions, NfsClient};
+//! # async fn demo() -> slacker_nfs_client::Result<()> {
+//! use slacker_nfs_client::{ClientOptions, NfsClient};
 //! let nfs = NfsClient::connect("127.0.0.1:2049", ClientOptions::default()).await?;
 //! nfs.mkdir_all("images/base").await?;
 //! let f = nfs.create("images/base/layer.img").await?;
@@ -31,7 +31,7 @@
 //! ```
 
 mod error;
-pub(crate) mod ops;
+pub mod ops;
 mod rpc;
 mod session;
 pub mod xdr;
@@ -96,7 +96,7 @@ impl Default for ClientOptions {
 
 /// An NFSv4 file handle (opaque, valid as long as the object exists).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FileHandle(pub(crate) Fh);
+pub struct FileHandle(pub Fh);
 
 impl FileHandle {
     /// The handle's bytes.
@@ -338,14 +338,19 @@ impl NfsClient {
         self.inner.lease
     }
 
-    /// Runs one COMPOUND (after SEQUENCE). Crate-internal: the backend builds
-    /// its own compounds from [`ops`].
-    pub(crate) async fn compound(&self, label: &'static str, ops: &[Op]) -> Result<Vec<OpRes>> {
+    /// Runs one COMPOUND (after SEQUENCE): the low-level entry point for
+    /// callers that build their own compounds from [`ops`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Nfs`] with the first failing operation's status, [`Error::Io`]
+    /// or [`Error::Timeout`] when the server cannot be reached in time.
+    pub async fn compound(&self, label: &'static str, ops: &[Op]) -> Result<Vec<OpRes>> {
         self.inner.session.compound(label, ops).await
     }
 
     /// RPCs the session runs at once.
-    pub(crate) fn slots(&self) -> usize {
+    pub fn slots(&self) -> usize {
         self.inner.session.config().slots as usize
     }
 
@@ -483,9 +488,9 @@ impl NfsClient {
     }
 
     /// An OPEN (read and write, no delegation) of `name` in the current
-    /// directory handle, with a fresh open owner. Crate-internal: for
-    /// compounds that OPEN, use the file and CLOSE it in one round trip.
-    pub(crate) fn open_op(&self, name: String, how: OpenHow) -> Op {
+    /// directory handle, with a fresh open owner: for compounds (see
+    /// [`NfsClient::compound`]) that OPEN, use the file and CLOSE it in one round trip.
+    pub fn open_op(&self, name: String, how: OpenHow) -> Op {
         Op::Open {
             share_access: ops::SHARE_ACCESS_READ
                 | ops::SHARE_ACCESS_WRITE
