@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+pub use slacker_config::BackendConfig;
 
 /// Every key of the configuration file, one line each (what `--help` prints).
 pub const KEYS_HELP: &str = "\
@@ -32,15 +33,19 @@ Configuration file keys (TOML; unknown keys are refused):
                    (default \"ctrd\"); give every host sharing one storage its own
   metrics_address  optional host:port; GET /metrics answers Prometheus text: snapshots,
                    clones, bytes fetched lazily, cache hits
-  [backend]        where volumes live:
-    kind = \"btrfs\", path = DIR       a directory on a (loop-mounted) btrfs
+  [backend]        where volumes live (the table every slacker program shares):
+    kind = \"btrfs\", path = DIR        a directory on a btrfs (volumes are local files)
+    kind = \"nfs\", server = HOST:PORT, dir = NAME
+                                       NFSv4.2 storage shared by many hosts; volumes are
+                                       served lazily through FUSE from this process
+    kind = \"mem\"                      in-process (tests only; nothing survives)
   [cache]
     bytes          capacity of the block cache shared by lazily served volumes
                    (default 256 MiB)
 ";
 
 /// The whole configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
@@ -57,23 +62,11 @@ pub struct Config {
     /// Where to serve Prometheus metrics, if anywhere.
     #[serde(default)]
     pub metrics_address: Option<SocketAddr>,
-    /// Where volumes live.
+    /// Where volumes live: the shared `[backend]` table of [`slacker_config`].
     pub backend: BackendConfig,
     /// The block cache of the lazy data path.
     #[serde(default)]
     pub cache: CacheConfig,
-}
-
-/// Where volumes live (the `[backend]` table).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-#[non_exhaustive]
-pub enum BackendConfig {
-    /// A directory on btrfs: volumes are files, snapshot and clone are reflinks.
-    Btrfs {
-        /// The directory.
-        path: PathBuf,
-    },
 }
 
 /// The `[cache]` table.
@@ -215,7 +208,7 @@ mod tests {
         let text = include_str!("../examples/config.toml");
         let c = Config::from_toml(text).unwrap();
         assert_eq!(c.volume_bytes, 8 << 30);
-        assert!(matches!(c.backend, BackendConfig::Btrfs { .. }));
+        assert_eq!(c.backend.kind(), "btrfs");
     }
 
     #[test]

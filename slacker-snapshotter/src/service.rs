@@ -36,7 +36,7 @@ use slacker_core::persist::{DirStore, MetaStore};
 use slacker_core::{Backend, Error, ErrorKind, SnapshotId, VolumeId, VolumeOptions};
 use tokio::sync::Mutex;
 
-use crate::config::{BackendConfig, Config};
+use crate::config::Config;
 use crate::filter::Filters;
 use crate::{apply, host};
 
@@ -186,17 +186,7 @@ impl SlackerSnapshotter {
     /// `Config` for an unusable backend or root; `Integrity` for an unreadable document;
     /// backend errors.
     pub async fn open(config: Config) -> slacker_core::Result<Self> {
-        let backend: Arc<dyn Backend> = match &config.backend {
-            BackendConfig::Btrfs { path } => {
-                let path = path.clone();
-                let b = tokio::task::spawn_blocking(move || {
-                    slacker_backend_btrfs::BtrfsBuilder::new(path).build()
-                })
-                .await
-                .map_err(|e| Error::backend("snapshotter", e.to_string()))??;
-                Arc::new(b)
-            }
-        };
+        let backend = config.backend.open().await?;
         Self::with_backend(config, backend).await
     }
 
