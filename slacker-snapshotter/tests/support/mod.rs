@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod tree;
+
 pub use slacker_testkit::skip_or_fail;
 
 /// Whether this process runs as root.
