@@ -21,7 +21,10 @@ use slacker_oci::{ClientOptions, LocalRegistry, PushLayer, RegistryClient};
 use support::tree::{assert_same, busybox_root, layer_tar, walk};
 use support::*;
 
-const NS: &str = "slk";
+/// The containerd namespace: per test process, so runc state never collides.
+fn ns() -> String {
+    format!("slk{}", std::process::id())
+}
 
 struct Containerd {
     child: Child,
@@ -75,14 +78,14 @@ impl Containerd {
         sh(Command::new("ctr")
             .arg("-a")
             .arg(&self.sock)
-            .args(["-n", NS])
+            .args(["-n", &ns()])
             .args(args))
     }
 
     fn rootfs(&self, id: &str) -> PathBuf {
         self.dir
             .join("state/io.containerd.runtime.v2.task")
-            .join(NS)
+            .join(ns())
             .join(id)
             .join("rootfs")
     }
@@ -141,6 +144,13 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Containers a failed test left running hold mounts: stop them through runc.
+        let root = format!("/run/containerd/runc/{}", ns());
+        if let Ok(ids) = sh(Command::new("runc").args(["--root", &root, "list", "-q"])) {
+            for id in ids.lines() {
+                let _ = sh(Command::new("runc").args(["--root", &root, "delete", "-f", id]));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         unmount_under(&self.dir);
@@ -295,4 +305,236 @@ fn ctr_pulls_and_runs_standard_and_slacker_images() {
     drop(ctrd);
     drop(snap);
     drop(registry);
+}
+
+/// Volumes of the snapshotter (`ctrd-*`) in the btrfs backend's directory.
+fn backend_volumes(data: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(data.join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ctrd-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Active and view snapshots that own a volume (layers being unpacked own none), from
+/// `ctr snapshots ls` (containerd's Walk through the proxy).
+fn walked_volume_owners(ctrd: &Containerd) -> usize {
+    let out = ctrd
+        .ctr(&["snapshots", "--snapshotter", "slacker", "ls"])
+        .unwrap();
+    out.lines()
+        .skip(1)
+        .filter(|l| {
+            let kind = l.split_whitespace().last().unwrap_or("");
+            (kind == "Active" || kind == "View") && !l.contains("extract-")
+        })
+        .count()
+}
+
+fn lines_in(p: &Path) -> usize {
+    std::fs::read_to_string(p)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_during_a_pull_and_while_a_container_runs() {
+    if let Some(why) = missing(&[
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "mkfs.btrfs",
+        "mkfs.ext4",
+        "debugfs",
+        "fsfreeze",
+    ]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let fs = match Btrfs::new("8G") {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip_or_fail::<()>(format!("no btrfs: {why}"));
+            return;
+        }
+    };
+    let registry = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail::<()>(format!("no registry: {e}"));
+            return;
+        }
+    };
+    let dir = fs.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let data = fs.mnt.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = RegistryClient::new(ClientOptions::plain_http());
+    let addr = registry.addr().to_owned();
+    let root = dir.join("rootfs");
+    busybox_root(&root);
+    let small = format!("{addr}/slk/small:1");
+    rt.block_on(client.push_layers(&small, vec![PushLayer::tar_gzip(&layer_tar(&root, &[]), 1)]))
+        .unwrap();
+    // A second image with a 96 MiB layer, so that a pull takes long enough to be killed.
+    let big = dir.join("big");
+    std::fs::create_dir_all(big.join("opt")).unwrap();
+    let noise: Vec<u8> = (0..96u64 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(big.join("opt/blob"), noise).unwrap();
+    let large = format!("{addr}/slk/large:1");
+    rt.block_on(client.push_layers(
+        &large,
+        vec![
+            PushLayer::tar_gzip(&layer_tar(&root, &[]), 1),
+            PushLayer::tar(layer_tar(&big, &[])),
+        ],
+    ))
+    .unwrap();
+
+    let cfg = write_config(
+        &dir,
+        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+        "",
+    );
+    let mut snap = Snapshotter::start(&cfg);
+    let ctrd = Containerd::start(&dir, &snap.socket);
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        &small,
+    ])
+    .unwrap();
+    ctrd.ctr(&[
+        "run", "-d", "--snapshotter", "slacker", &small, "writer", "/bin/sh", "-c",
+        "i=0; while true; do echo $i >> /tmp/log; cat /etc/hostname > /tmp/read; i=$((i+1)); sleep 0.05; done",
+    ])
+    .unwrap();
+    let log = ctrd.rootfs("writer").join("tmp/log");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // kill -9 during a pull.
+    let mut pull = Command::new("ctr")
+        .arg("-a")
+        .arg(&ctrd.sock)
+        .args([
+            "-n",
+            &ns(),
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            &large,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_dir(dir.join("root/staging")).is_ok_and(|d| d.count() > 0)
+        && t.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    snap.kill();
+    let killed_pull = pull.wait().unwrap();
+    eprintln!("pull interrupted by kill -9: {killed_pull}");
+    let before = lines_in(&log);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        lines_in(&log) > before,
+        "the container stopped writing while the snapshotter was down"
+    );
+
+    let snap2 = Snapshotter::start(&cfg);
+    // containerd's gRPC client reconnects to the new process with a backoff: the first
+    // retries may see `Unavailable`, as with any snapshotter restart.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match ctrd.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            &large,
+        ]) {
+            Ok(_) => break,
+            Err(e) if attempts < 20 && e.contains("unavailable") => {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            Err(e) => panic!("the retried pull failed (attempt {attempts}): {e}"),
+        }
+    }
+    eprintln!("retried pull succeeded at attempt {attempts}");
+    let out = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "slacker",
+            &large,
+            "after",
+            "/bin/sh",
+            "-c",
+            "echo hello; ls /opt",
+        ])
+        .unwrap();
+    assert_eq!(out, "hello\nblob\n");
+    let before = lines_in(&log);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        lines_in(&log) > before,
+        "the container stopped writing after the restart"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ctrd.rootfs("writer").join("tmp/read")).unwrap(),
+        "slacker\n"
+    );
+
+    // Walk and the storage agree: one volume per active/view snapshot, nothing leaked.
+    ctrd.ctr(&["task", "kill", "-s", "SIGKILL", "writer"])
+        .unwrap();
+    let t = Instant::now();
+    while ctrd.ctr(&["task", "rm", "writer"]).is_err() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(walked_volume_owners(&ctrd), 1, "the writer's snapshot");
+    assert_eq!(
+        backend_volumes(&data).len(),
+        1,
+        "{:?}",
+        backend_volumes(&data)
+    );
+    ctrd.ctr(&["containers", "rm", "writer"]).unwrap();
+    assert_eq!(walked_volume_owners(&ctrd), 0);
+    // containerd's garbage collector removes the snapshot shortly after.
+    let t = Instant::now();
+    while !backend_volumes(&data).is_empty() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        backend_volumes(&data),
+        Vec::<String>::new(),
+        "a volume leaked"
+    );
+    drop(ctrd);
+    drop(snap2);
+    drop(snap);
 }
