@@ -36,12 +36,14 @@ Configuration file keys (TOML; unknown keys are refused):
   [backend]        where volumes live (the table every slacker program shares):
     kind = \"btrfs\", path = DIR        a directory on a btrfs (volumes are local files)
     kind = \"nfs\", server = HOST:PORT, dir = NAME
-                                       NFSv4.2 storage shared by many hosts; volumes are
-                                       served lazily through FUSE from this process
+                                       NFSv4.2 storage shared by many hosts. Not served
+                                       yet: volumes have no local file, and the FUSE data
+                                       path is still to come, so Prepare answers
+                                       Unimplemented
     kind = \"mem\"                      in-process (tests only; nothing survives)
   [cache]
     bytes          capacity of the block cache shared by lazily served volumes
-                   (default 256 MiB)
+                   (default 256 MiB; used once volumes are served through FUSE)
 ";
 
 /// The whole configuration.

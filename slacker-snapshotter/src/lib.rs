@@ -18,6 +18,22 @@
 //! ```
 //!
 //! then `ctr images pull --snapshotter slacker ...` and `ctr run --snapshotter slacker ...`.
+//!
+//! **Slacker images with unmodified `ctr`.** Push the reference layer of
+//! [`LayerStore::diff`](slacker_core::LayerStore::diff) as an ordinary tar layer
+//! (`slacker_oci::PushLayer::tar(diff.tar)`): containerd 1.6's unpacker only unpacks
+//! layer media types, so the `application/vnd.slacker.reference.v1.tar` type that
+//! `RegistryClient::push_image` uses is skipped by it. `ctr` downloads the 2 KiB layer and
+//! unpacks it into the staging directory Prepare handed out; Commit recognises the
+//! reference document and records the storage snapshot it names: no copy, no clone. The
+//! storage must be the one the image was pushed from (shared, for NFS).
+//!
+//! **Restarts.** Metadata is durable (see [`service`]); a restarted process serves every
+//! snapshot again, and containerd's client reconnects after a short backoff (calls in
+//! between fail with `Unavailable`). On btrfs, containers keep running through a restart:
+//! their root filesystems are kernel loop mounts of volume files. Backends without a local
+//! file (NFS) are not served yet: their volumes need the FUSE data path inside this
+//! process, which a restart would interrupt; Prepare on them answers `Unimplemented`.
 //! The semantics are in [`service`]; the configuration file in [`config`] (an example:
 //! `slacker-snapshotter/examples/config.toml`, a systemd unit:
 //! `slacker-snapshotter/slacker-snapshotter.service`).
