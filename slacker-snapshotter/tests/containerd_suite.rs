@@ -1,0 +1,82 @@
+//! containerd's own snapshotter test suite (`testsuite.SnapshotterSuite`, Debian's
+//! containerd 1.6.20 sources) against `slacker-snapshotter` over its socket, through
+//! `proxy.NewSnapshotter`, as root: every check passes (Rename may skip, as it does for
+//! containerd's own overlayfs on some kernels).
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+/// Runs the suite against a snapshotter on `backend`; asserts on its verdict.
+fn run_suite(dir: &std::path::Path, backend: &str) {
+    let suite = match containerd_suite() {
+        Ok(p) => p,
+        Err(why) => {
+            skip_or_fail::<()>(why);
+            return;
+        }
+    };
+    let cfg = write_config(dir, backend, "");
+    let snap = Snapshotter::start(&cfg);
+    let out = Command::new(&suite)
+        .args([
+            "-test.run",
+            "TestProxy",
+            "-test.root",
+            "-test.v",
+            "-test.timeout",
+            "15m",
+        ])
+        .env("SUITE_SOCKET", &snap.socket)
+        .env("TMPDIR", dir)
+        .output()
+        .expect("the suite runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = std::fs::read_to_string(&snap.log).unwrap_or_default();
+    drop(snap);
+    unmount_under(dir);
+    let passed = stdout.matches("--- PASS: TestProxy/").count();
+    let skipped: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("--- SKIP: TestProxy/"))
+        .collect();
+    eprintln!("containerd suite: {passed} passed, skipped {skipped:?}");
+    assert!(
+        out.status.success() && !stdout.contains("--- FAIL"),
+        "containerd's suite failed:\n{stdout}\n{}\nsnapshotter log:\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        skipped.iter().all(|l| l.contains("/Rename")),
+        "only Rename may skip: {skipped:?}"
+    );
+    assert!(
+        passed >= 20,
+        "expected the 21 checks to run, {passed} passed:\n{stdout}"
+    );
+}
+
+#[test]
+fn containerd_suite_on_btrfs() {
+    if let Some(why) = missing(&["mkfs.btrfs", "mkfs.ext4", "debugfs", "fsfreeze", "losetup"]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let fs = match Btrfs::new("8G") {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip_or_fail::<()>(format!("no btrfs: {why}"));
+            return;
+        }
+    };
+    let dir = fs.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let data = fs.mnt.join("data");
+    std::fs::create_dir(&data).unwrap();
+    run_suite(
+        &dir,
+        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+    );
+}

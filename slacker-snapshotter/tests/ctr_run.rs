@@ -1,0 +1,540 @@
+//! A real runtime: Debian's containerd 1.6 + runc, started by the test with the
+//! snapshotter as a proxy plugin, and Debian's docker-registry. `ctr images pull
+//! --snapshotter slacker` then `ctr run --snapshotter slacker IMAGE ID /bin/sh -c 'echo
+//! hello'` prints hello for (a) a standard image of two tar+gzip layers with a whiteout,
+//! a setuid file, a file capability, a hard link, an owned file and a device node, and
+//! (b) a slacker image pushed with slacker-oci (a 2 KiB reference layer): its pull moves
+//! at most 4 KiB of layer data and makes no clone. In both, the container's root tree
+//! equals the image's tree.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slacker_core::LayerStore;
+use slacker_core::layer::LayerStoreOptions;
+use slacker_core::persist::{DirStore, MetaStore};
+use slacker_oci::{ClientOptions, LocalRegistry, PushLayer, RegistryClient};
+use support::tree::{assert_same, busybox_root, layer_tar, walk};
+use support::*;
+
+/// The containerd namespace: per test process, so runc state never collides.
+fn ns() -> String {
+    format!("slk{}", std::process::id())
+}
+
+struct Containerd {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path, snapshotter_sock: &Path) -> Self {
+        let dir = dir.join("containerd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("containerd.sock");
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n\
+                 [proxy_plugins.slacker]\n  type = \"snapshot\"\n  address = \"{snap}\"\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = sock.display(),
+                snap = snapshotter_sock.display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd starts");
+        let c = Self { child, dir, sock };
+        let t = Instant::now();
+        while c.ctr(&["version"]).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "containerd did not answer: {}",
+                std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Result<String, String> {
+        sh(Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(["-n", &ns()])
+            .args(args))
+    }
+
+    fn rootfs(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(ns())
+            .join(id)
+            .join("rootfs")
+    }
+
+    /// Pulls `image`, runs `echo hello` in it, then runs it detached and returns the
+    /// container's root tree as the host sees it.
+    fn pull_and_run(
+        &self,
+        image: &str,
+    ) -> std::collections::BTreeMap<PathBuf, support::tree::Desc> {
+        self.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            image,
+        ])
+        .expect("ctr images pull");
+        let out = self
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "slacker",
+                image,
+                "hello",
+                "/bin/sh",
+                "-c",
+                "echo hello",
+            ])
+            .expect("ctr run");
+        assert_eq!(out, "hello\n", "ctr run printed {out:?}");
+        self.ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "slacker",
+            image,
+            "tree",
+            "/bin/sleep",
+            "300",
+        ])
+        .expect("ctr run -d");
+        let tree = walk(&self.rootfs("tree"), &[]);
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", "tree"]);
+        let t = Instant::now();
+        while self.ctr(&["task", "rm", "tree"]).is_err() && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.ctr(&["containers", "rm", "tree"])
+            .expect("ctr containers rm");
+        tree
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Containers a failed test left running hold mounts: stop them through runc.
+        let root = format!("/run/containerd/runc/{}", ns());
+        if let Ok(ids) = sh(Command::new("runc").args(["--root", &root, "list", "-q"])) {
+            for id in ids.lines() {
+                let _ = sh(Command::new("runc").args(["--root", &root, "delete", "-f", id]));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_under(&self.dir);
+    }
+}
+
+fn metric(addr: &str, name: &str) -> u64 {
+    let body = sh(Command::new("curl").args(["-fsS", &format!("http://{addr}/metrics")])).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {body}"))
+}
+
+#[test]
+fn ctr_pulls_and_runs_standard_and_slacker_images() {
+    if let Some(why) = missing(&[
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "mkfs.btrfs",
+        "mkfs.ext4",
+        "debugfs",
+        "fsfreeze",
+        "curl",
+    ]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let fs = match Btrfs::new("8G") {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip_or_fail::<()>(format!("no btrfs: {why}"));
+            return;
+        }
+    };
+    let registry = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail::<()>(format!("no registry: {e}"));
+            return;
+        }
+    };
+    let dir = fs.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let data = fs.mnt.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = RegistryClient::new(ClientOptions::plain_http());
+    let addr = registry.addr().to_owned();
+
+    // (a) A standard image: two tar+gzip layers, the second deleting etc/gone.
+    let lower = dir.join("lower");
+    busybox_root(&lower);
+    let upper = dir.join("upper");
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("etc/added"), b"by layer 2\n").unwrap();
+    std::fs::write(upper.join("etc/hostname"), b"replaced\n").unwrap();
+    let l1 = layer_tar(&lower, &[]);
+    let l2 = layer_tar(&upper, &["etc/gone"]);
+    let standard = format!("{addr}/slk/standard:1");
+    rt.block_on(client.push_layers(
+        &standard,
+        vec![PushLayer::tar_gzip(&l1, 6), PushLayer::tar_gzip(&l2, 6)],
+    ))
+    .expect("push the standard image");
+    // The image's tree: lower, then upper, minus the whiteout.
+    let expected = dir.join("expected");
+    sh(Command::new("cp").arg("-a").arg(&lower).arg(&expected)).unwrap();
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(upper.join("."))
+        .arg(&expected))
+    .unwrap();
+    std::fs::remove_file(expected.join("etc/gone")).unwrap();
+    let want_a = walk(&expected, &[]);
+
+    // (b) A slacker image: the same busybox root imported into a layer store on the
+    // snapshotter's storage, pushed as a 2 KiB reference layer (a plain tar to
+    // containerd). Done before the snapshotter opens the storage.
+    let slacker_image = format!("{addr}/slk/slacker:1");
+    let pushed_layer_bytes = rt.block_on(async {
+        let backend = slacker_config::BackendConfig::btrfs(&data)
+            .open()
+            .await
+            .unwrap();
+        let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(dir.join("builder")).unwrap());
+        let store = LayerStore::open(
+            backend,
+            meta,
+            LayerStoreOptions::new("builder").with_volume_size(256 << 20),
+        )
+        .await
+        .unwrap();
+        store.import_dir("busybox", &lower).await.unwrap();
+        let diff = store.diff("busybox").await.unwrap();
+        let report = client
+            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())])
+            .await
+            .expect("push the slacker image");
+        report.layer_bytes_uploaded()
+    });
+    assert!(
+        pushed_layer_bytes <= 4096,
+        "reference layer of {pushed_layer_bytes} bytes"
+    );
+
+    let cfg = write_config(
+        &dir,
+        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+        "metrics_address = \"127.0.0.1:19137\"",
+    );
+    let snap = Snapshotter::start(&cfg);
+    let ctrd = Containerd::start(&dir, &snap.socket);
+    let m = "127.0.0.1:19137";
+
+    let got_a = ctrd.pull_and_run(&standard);
+    assert_same(&want_a, &got_a, "standard image");
+
+    let clones_before = metric(m, "slacker_snapshotter_clones_total");
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        &slacker_image,
+    ])
+    .expect("pull the slacker image");
+    assert_eq!(
+        metric(m, "slacker_snapshotter_clones_total"),
+        clones_before,
+        "pulling a slacker image must not clone"
+    );
+    assert_eq!(metric(m, "slacker_snapshotter_lazy_commits_total"), 1);
+    let got_b = ctrd.pull_and_run(&slacker_image);
+    // The image's tree is the imported directory (the ext4 also holds lost+found).
+    assert_same(
+        &walk(&lower, &[]),
+        &got_b
+            .into_iter()
+            .filter(|(p, _)| p != Path::new("lost+found"))
+            .collect(),
+        "slacker image",
+    );
+    drop(ctrd);
+    drop(snap);
+    drop(registry);
+}
+
+/// Volumes of the snapshotter (`ctrd-*`) in the btrfs backend's directory.
+fn backend_volumes(data: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(data.join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ctrd-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Active and view snapshots that own a volume (layers being unpacked own none), from
+/// `ctr snapshots ls` (containerd's Walk through the proxy).
+fn walked_volume_owners(ctrd: &Containerd) -> usize {
+    let out = ctrd
+        .ctr(&["snapshots", "--snapshotter", "slacker", "ls"])
+        .unwrap();
+    out.lines()
+        .skip(1)
+        .filter(|l| {
+            let kind = l.split_whitespace().last().unwrap_or("");
+            (kind == "Active" || kind == "View") && !l.contains("extract-")
+        })
+        .count()
+}
+
+fn lines_in(p: &Path) -> usize {
+    std::fs::read_to_string(p)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_during_a_pull_and_while_a_container_runs() {
+    if let Some(why) = missing(&[
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "mkfs.btrfs",
+        "mkfs.ext4",
+        "debugfs",
+        "fsfreeze",
+    ]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let fs = match Btrfs::new("8G") {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip_or_fail::<()>(format!("no btrfs: {why}"));
+            return;
+        }
+    };
+    let registry = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail::<()>(format!("no registry: {e}"));
+            return;
+        }
+    };
+    let dir = fs.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let data = fs.mnt.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = RegistryClient::new(ClientOptions::plain_http());
+    let addr = registry.addr().to_owned();
+    let root = dir.join("rootfs");
+    busybox_root(&root);
+    let small = format!("{addr}/slk/small:1");
+    rt.block_on(client.push_layers(&small, vec![PushLayer::tar_gzip(&layer_tar(&root, &[]), 1)]))
+        .unwrap();
+    // A second image with a 96 MiB layer, so that a pull takes long enough to be killed.
+    let big = dir.join("big");
+    std::fs::create_dir_all(big.join("opt")).unwrap();
+    let noise: Vec<u8> = (0..96u64 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(big.join("opt/blob"), noise).unwrap();
+    let large = format!("{addr}/slk/large:1");
+    rt.block_on(client.push_layers(
+        &large,
+        vec![
+            PushLayer::tar_gzip(&layer_tar(&root, &[]), 1),
+            PushLayer::tar(layer_tar(&big, &[])),
+        ],
+    ))
+    .unwrap();
+
+    let cfg = write_config(
+        &dir,
+        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+        "",
+    );
+    let mut snap = Snapshotter::start(&cfg);
+    let ctrd = Containerd::start(&dir, &snap.socket);
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        &small,
+    ])
+    .unwrap();
+    ctrd.ctr(&[
+        "run", "-d", "--snapshotter", "slacker", &small, "writer", "/bin/sh", "-c",
+        "i=0; while true; do echo $i >> /tmp/log; cat /etc/hostname > /tmp/read; i=$((i+1)); sleep 0.05; done",
+    ])
+    .unwrap();
+    let log = ctrd.rootfs("writer").join("tmp/log");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // kill -9 during a pull.
+    let mut pull = Command::new("ctr")
+        .arg("-a")
+        .arg(&ctrd.sock)
+        .args([
+            "-n",
+            &ns(),
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            &large,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_dir(dir.join("root/staging")).is_ok_and(|d| d.count() > 0)
+        && t.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    snap.kill();
+    let killed_pull = pull.wait().unwrap();
+    eprintln!("pull interrupted by kill -9: {killed_pull}");
+    let before = lines_in(&log);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        lines_in(&log) > before,
+        "the container stopped writing while the snapshotter was down"
+    );
+
+    let snap2 = Snapshotter::start(&cfg);
+    // containerd's gRPC client reconnects to the new process with a backoff: the first
+    // retries may see `Unavailable`, as with any snapshotter restart.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match ctrd.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            &large,
+        ]) {
+            Ok(_) => break,
+            Err(e) if attempts < 20 && e.contains("unavailable") => {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            Err(e) => panic!("the retried pull failed (attempt {attempts}): {e}"),
+        }
+    }
+    eprintln!("retried pull succeeded at attempt {attempts}");
+    let out = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "slacker",
+            &large,
+            "after",
+            "/bin/sh",
+            "-c",
+            "echo hello; ls /opt",
+        ])
+        .unwrap();
+    assert_eq!(out, "hello\nblob\n");
+    let before = lines_in(&log);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        lines_in(&log) > before,
+        "the container stopped writing after the restart"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ctrd.rootfs("writer").join("tmp/read")).unwrap(),
+        "slacker\n"
+    );
+
+    // Walk and the storage agree: one volume per active/view snapshot, nothing leaked.
+    ctrd.ctr(&["task", "kill", "-s", "SIGKILL", "writer"])
+        .unwrap();
+    let t = Instant::now();
+    while ctrd.ctr(&["task", "rm", "writer"]).is_err() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(walked_volume_owners(&ctrd), 1, "the writer's snapshot");
+    assert_eq!(
+        backend_volumes(&data).len(),
+        1,
+        "{:?}",
+        backend_volumes(&data)
+    );
+    ctrd.ctr(&["containers", "rm", "writer"]).unwrap();
+    assert_eq!(walked_volume_owners(&ctrd), 0);
+    // containerd's garbage collector removes the snapshot shortly after.
+    let t = Instant::now();
+    while !backend_volumes(&data).is_empty() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        backend_volumes(&data),
+        Vec::<String>::new(),
+        "a volume leaked"
+    );
+    drop(ctrd);
+    drop(snap2);
+    drop(snap);
+}
