@@ -213,6 +213,13 @@ fn parse_args() -> Result<Args> {
 
 fn main() -> ExitCode {
     slacker_hellobench::elapsed_secs();
+    // The libraries report through tracing (e.g. a mount whose teardown failed): show
+    // warnings and errors, and the layer store's recovery notes, on stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_target(false)
+        .init();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
