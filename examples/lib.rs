@@ -55,3 +55,9 @@ mod tests {
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }
+
+/// The workspace README's examples, compiled and run as doctests (slacker-core's crate
+/// docs are its own README now; the project README is checked here).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ProjectReadme;

@@ -19,6 +19,8 @@ use slacker_hellobench::spec::{Corpus, ImageSpec, Spec};
 use slacker_hellobench::storage::{self, BtrfsImage};
 use slacker_hellobench::{dedup, nfs, progress, sys};
 
+mod setup;
+
 /// Every path, in measuring order.
 const ALL_PATHS: [&str; 4] = ["baseline", "slacker", "slacker-lazy", "slacker-nfs"];
 
@@ -35,6 +37,11 @@ fn default_paths() -> Vec<String> {
 const USAGE: &str = "\
 usage: slacker-hellobench [COMMAND] [OPTIONS]
 
+Measures the real corpus (Debian images built with debootstrap). Not root: re-runs itself
+with sudo. Root: installs what it needs with apt-get (debootstrap, docker-registry,
+btrfs-progs, e2fsprogs). A host that cannot build the real corpus fails with the fix;
+--quick is the explicit smoke run on a busybox stand-in.
+
 commands:
   bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
            slacker, slacker-lazy, and slacker-nfs when SLACKER_NFS_ADDR is set), dedup
@@ -45,6 +52,10 @@ commands:
   report   re-render results.md and results.svg from a results.json (--from FILE)
 
 options:
+  --quick                 smoke run, not the benchmark: the `shell` image as a busybox
+                          stand-in, no dedup analysis (= --corpus reduced --busybox --no-dedup)
+  --no-install            do not apt-get install missing packages (root)
+  --no-sudo               do not re-run with sudo when not root (measure what a user can)
   --corpus reduced|full   which images (default: full; reduced = just `shell`, for CI)
   --only a,b              only these images (names from images.json)
   --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
@@ -82,6 +93,8 @@ struct Args {
     link_latency_us: u64,
     link_mbit: u64,
     busybox: bool,
+    install: bool,
+    sudo: bool,
 }
 
 impl Args {
@@ -118,6 +131,8 @@ fn parse_args() -> Result<Args> {
         link_latency_us: 200,
         link_mbit: 1000,
         busybox: false,
+        install: true,
+        sudo: true,
     };
     let mut it = std::env::args().skip(1);
     let mut first = true;
@@ -178,6 +193,13 @@ fn parse_args() -> Result<Args> {
                     .map_err(|e| Error::msg(format!("--link-mbit: {e}")))?
             }
             "--busybox" => a.busybox = true,
+            "--quick" => {
+                a.corpus = Corpus::Reduced;
+                a.busybox = true;
+                a.dedup = false;
+            }
+            "--no-install" => a.install = false,
+            "--no-sudo" => a.sudo = false,
             "-h" | "--help" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -191,6 +213,13 @@ fn parse_args() -> Result<Args> {
 
 fn main() -> ExitCode {
     slacker_hellobench::elapsed_secs();
+    // The libraries report through tracing (e.g. a mount whose teardown failed): show
+    // warnings and errors, and the layer store's recovery notes, on stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_target(false)
+        .init();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -198,6 +227,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The commands that build or measure the corpus: as a user, re-run through sudo;
+    // as root, install what is missing first.
+    if matches!(args.command.as_str(), "bench" | "corpus" | "dedup") {
+        if args.sudo
+            && let Some(code) = setup::elevate()
+        {
+            return code;
+        }
+        if args.install
+            && let Err(e) = setup::install_packages(args.busybox)
+        {
+            eprintln!("slacker-hellobench: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let work = args.work.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "/var/tmp/slacker-hellobench-{}",
@@ -278,7 +322,13 @@ fn corpus_for(
     store: &Store,
 ) -> Result<(corpus::CorpusReport, Vec<String>)> {
     let mut skipped = Vec::new();
-    let cached = store.cached(specs);
+    // Only --busybox (--quick) measures busybox stand-ins; otherwise a cached stand-in does
+    // not count as the image.
+    let cached: Vec<_> = store
+        .cached(specs)
+        .into_iter()
+        .map(|c| c.filter(|c| args.busybox || c.record.source.is_some()))
+        .collect();
     let buildable: Vec<ImageSpec> = specs
         .iter()
         .zip(&cached)
@@ -292,7 +342,7 @@ fn corpus_for(
             }
             let ok = (pf.debootstrap && !args.busybox)
                 || (c.is_some() && !args.rebuild)
-                || (s.packages.is_empty() && pf.busybox);
+                || (args.busybox && s.packages.is_empty() && pf.busybox);
             if !ok {
                 skipped.push(format!(
                     "image {}: not in the cache and cannot be built here (needs root + debootstrap + chroot)",
@@ -374,6 +424,18 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
     .await??;
     for s in &skipped {
         progress!("skipped: {s}");
+    }
+    if !args.busybox {
+        let mut reasons = skipped.clone();
+        for i in cr.images.iter().filter(|i| i.record.source.is_none()) {
+            reasons.push(format!(
+                "image {}: only a busybox stand-in is available",
+                i.spec.name
+            ));
+        }
+        if !reasons.is_empty() {
+            return Err(setup::corpus_unavailable(&reasons));
+        }
     }
     progress!(
         "corpus: {} image(s) ready in {:.1} s this run",

@@ -71,7 +71,7 @@ pub fn check() -> Preflight {
         m.push(Missing {
             what: "root".into(),
             needed_for: "debootstrap, chroot, the mounts of the run phase (overlayfs, /proc, tmpfs) and the slacker paths' btrfs, loop and FUSE mounts".into(),
-            fix: "run as root, e.g. `sudo -E env PATH=$PATH cargo run --release -p slacker-hellobench -- ...`".into(),
+            fix: "run as root, or as a user with sudo: the binary re-runs itself through sudo (`cargo run --release -p slacker-hellobench`)".into(),
         });
     }
     let chroot = tool(

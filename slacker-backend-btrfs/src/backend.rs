@@ -213,7 +213,9 @@ impl Inner {
     /// progress (a crashed process leaves it for the next open to clean up).
     fn discard(&self, path: &Path) {
         if !self.crashed() {
-            let _ = fs::remove_file(path);
+            if let Err(e) = fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "data file of a failed operation left behind");
+            }
         }
     }
 
@@ -231,6 +233,7 @@ impl Inner {
         };
         match open() {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                tracing::info!(path = %path.display(), "replacing a failed operation's leftover data file");
                 fs::remove_file(path).map_err(io_err("removing leftover", path))?;
                 open()
             }

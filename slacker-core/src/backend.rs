@@ -418,7 +418,8 @@ pub trait BackendExt: Backend {
     }
 
     /// The blake3 digest of a snapshot's content, read in 1 MiB pieces. O(size): meant for
-    /// verification, not for the push path.
+    /// verification, not for the push path. Needs the `digest` feature (on by default).
+    #[cfg(feature = "digest")]
     async fn snapshot_digest(&self, id: &SnapshotId) -> Result<blake3::Hash> {
         let st = self.stat_snapshot(id).await?;
         let mut h = blake3::Hasher::new();

@@ -1,4 +1,14 @@
-#![doc = include_str!("../../README.md")]
+// The README (the crate's own, packaged with it) is the crate documentation; its
+// examples use the layer store, so without `layers` a short summary stands in.
+#![cfg_attr(feature = "layers", doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(feature = "layers"),
+    doc = "Lazy container images after the Slacker paper (FAST'16): ids, blocks, \
+           [`BlockBitmap`], the [`Backend`] trait and its contract, [`Error`] and the \
+           [`persist`] seam. The layer store (`layers`) and the worker data path \
+           (`worker`) are default features; see the crate README."
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -7,8 +17,10 @@ pub mod bitmap;
 pub mod block;
 pub mod error;
 pub mod ids;
+#[cfg(feature = "layers")]
 pub mod layer;
 pub mod persist;
+#[cfg(feature = "worker")]
 pub mod worker;
 
 pub use backend::{
@@ -18,8 +30,12 @@ pub use backend::{
 pub use bitmap::BlockBitmap;
 pub use block::{BlockIndex, BlockRange, BlockSize};
 pub use error::{Error, ErrorKind, ObjectKind, Result};
-pub use ids::{LayerId, SnapshotId, VolumeId};
+#[cfg(feature = "digest")]
+pub use ids::LayerId;
+pub use ids::{SnapshotId, VolumeId};
+#[cfg(feature = "layers")]
 pub use layer::{
     AppliedLayer, LayerDiff, LayerInfo, LayerKind, LayerStore, LayerStoreOptions, Reference,
 };
+#[cfg(feature = "worker")]
 pub use worker::{BlockCache, LazyVolume, LazyVolumeOptions, Metrics};

@@ -48,14 +48,19 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
 /// (counting from 0) and every later one fail with an error whose text contains
 /// `injected crash`. `points()` tells how many points a workload passed, so a test can
 /// first count them with a plan that never crashes, then crash at each in turn.
-#[derive(Debug, Default)]
+///
+/// The type is part of the seam (stores and backends accept an optional plan), but a
+/// plan can only be made with the `test-util` feature: a production build cannot crash
+/// on purpose.
+#[derive(Debug)]
 pub struct CrashPlan {
     passed: AtomicU64,
     crash_at: AtomicU64,
 }
 
 impl CrashPlan {
-    /// A plan that never crashes.
+    /// A plan that never crashes (it still counts the sync points passed).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn never() -> Arc<Self> {
         Arc::new(Self {
             passed: AtomicU64::new(0),
@@ -64,6 +69,7 @@ impl CrashPlan {
     }
 
     /// A plan that crashes at sync point `n` (0-based) and after.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn crash_at(n: u64) -> Arc<Self> {
         Arc::new(Self {
             passed: AtomicU64::new(0),

@@ -244,9 +244,10 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            eprintln!(
-                "slacker-fuse: teardown of {} failed: {e}",
-                self.root.display()
+            tracing::error!(
+                root = %self.root.display(),
+                error = %e,
+                "teardown of a mount failed (ext4, loop device or FUSE may remain)"
             );
         }
     }

@@ -226,9 +226,10 @@ impl FuseSession {
 impl Drop for FuseSession {
     fn drop(&mut self) {
         if let Err(e) = self.stop_inner() {
-            eprintln!(
-                "slacker-fuse: unmounting {} failed ({e}); a loop device may still hold it",
-                self.mountpoint.display()
+            tracing::error!(
+                mountpoint = %self.mountpoint.display(),
+                error = %e,
+                "unmounting the FUSE file system failed; a loop device may still hold it"
             );
         }
     }

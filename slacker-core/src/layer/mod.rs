@@ -377,6 +377,12 @@ impl<B: Backend> LayerStore<B> {
                 .cloned()
                 .collect();
             for r in pending {
+                tracing::info!(
+                    store = %store.options.name,
+                    layer = %r.id,
+                    pending = ?r.pending,
+                    "settling an operation a crash interrupted"
+                );
                 store.recover(&mut inner, r).await?;
             }
         }
@@ -532,7 +538,15 @@ impl<B: Backend> LayerStore<B> {
     /// After a backend step of an operation failed: roll its pending record back now
     /// (poisoning the store if that fails too), and return the original error.
     async fn abort(&self, inner: &mut Inner, rec: Record, err: Error) -> Error {
+        let layer = rec.id.clone();
         if let Err(e) = self.recover(inner, rec).await {
+            tracing::error!(
+                store = %self.options.name,
+                %layer,
+                error = %e,
+                cause = %err,
+                "rolling back a failed operation failed: the store refuses work until reopened"
+            );
             if inner.poisoned.is_none() {
                 inner.poisoned = Some(format!("rollback failed: {e}"));
             }
@@ -1150,7 +1164,9 @@ impl<B: Backend> LayerStore<B> {
             None => {
                 let tmp = self.backend.snapshot(&vol).await?;
                 let r = self.export_snapshot(&tmp, size, &img).await;
-                let _ = self.backend.remove_snapshot(&tmp).await;
+                if let Err(e) = self.backend.remove_snapshot(&tmp).await {
+                    tracing::warn!(snapshot = %tmp, error = %e, "temporary export snapshot left behind");
+                }
                 r?
             }
         }
