@@ -200,6 +200,21 @@ impl slacker_testkit::Harness for NfsHarness {
         self.open(&dir).await
     }
 
+    /// A write first makes the volume's document cover its 4 MiB intent granule; until a
+    /// flush or snapshot writes the exact bitmap, a reopened backend reports the granule.
+    fn diverged_granule(&self) -> u64 {
+        4 << 20
+    }
+
+    /// Every call crosses to the (TCG) VM: 32 sequences (~2.5 min) unless
+    /// `PROPTEST_CASES` asks for more.
+    fn model_cases(&self) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32)
+    }
+
     async fn reopen(&self, backend: Self::Backend) -> Self::Backend {
         let dir = backend.config().dir.clone();
         let _ = backend.close().await;
