@@ -73,6 +73,19 @@ pub enum Op {
         /// Pattern seed.
         seed: u8,
     },
+    /// As [`Op::Write`], but straight into the volume's file where the backend has one
+    /// ([`Backend::local_path`]: a runtime writing its loop-mounted volume), so the bitmap
+    /// must come from the file itself (btrfs: FIEMAP); elsewhere through `write_at`.
+    WriteDirect {
+        /// Volume index.
+        vol: u8,
+        /// Byte offset (may be past the end).
+        offset: u32,
+        /// Length.
+        len: u32,
+        /// Pattern seed.
+        seed: u8,
+    },
     /// `count` writes of 100 bytes, one every 8 KiB from `offset`: a fragmented file
     /// (btrfs FIEMAP maps of more than one 512-extent batch).
     Scatter {
@@ -170,6 +183,7 @@ impl Op {
         match self {
             Op::Create { vol, .. }
             | Op::Write { vol, .. }
+            | Op::WriteDirect { vol, .. }
             | Op::Scatter { vol, .. }
             | Op::Read { vol, .. }
             | Op::Flush { vol }
@@ -219,6 +233,7 @@ fn simple_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (vol.clone(), blocks()).prop_map(|(vol, (blocks, small))| Op::Create { vol, blocks, small }),
         6 => (vol.clone(), offset(), len(), any::<u8>()).prop_map(|(vol, offset, len, seed)| Op::Write { vol, offset, len, seed }),
+        2 => (vol.clone(), offset(), len(), any::<u8>()).prop_map(|(vol, offset, len, seed)| Op::WriteDirect { vol, offset, len, seed }),
         1 => (vol.clone(), offset(), 1u16..700, any::<u8>()).prop_map(|(vol, offset, count, seed)| Op::Scatter { vol, offset, count, seed }),
         2 => (vol.clone(), offset(), len()).prop_map(|(vol, offset, len)| Op::Read { vol, offset, len }),
         1 => vol.clone().prop_map(|vol| Op::Flush { vol }),
@@ -358,6 +373,14 @@ async fn exec_backend<B: Backend>(b: &B, snaps: &[(SnapshotId, SnapshotId)], op:
             b.write_at(&volume_name(vol), u64::from(offset), &data(len, seed))
                 .await,
         ),
+        Op::WriteDirect {
+            vol,
+            offset,
+            len,
+            seed,
+        } => {
+            Out::unit(write_direct(b, &volume_name(vol), u64::from(offset), &data(len, seed)).await)
+        }
         Op::Scatter {
             vol,
             offset,
@@ -419,6 +442,12 @@ fn exec_model(m: &mut State, snaps: &[(SnapshotId, SnapshotId)], op: &Op) -> Out
             len,
             seed,
         } => Out::unit(m.write_at(&volume_name(vol), u64::from(offset), &data(len, seed))),
+        Op::WriteDirect {
+            vol,
+            offset,
+            len,
+            seed,
+        } => Out::unit(m.write_at(&volume_name(vol), u64::from(offset), &data(len, seed))),
         Op::Scatter {
             vol,
             offset,
@@ -457,6 +486,25 @@ fn exec_model(m: &mut State, snaps: &[(SnapshotId, SnapshotId)], op: &Op) -> Out
         Op::Stat { vol } => Out::unit(m.stat_volume(&volume_name(vol))),
         Op::StatSnapshot { snap: s } => Out::unit(m.stat_snapshot(&snap(s))),
         Op::Concurrent(..) | Op::Reopen => unreachable!("handled by the caller"),
+    }
+}
+
+/// Writes into the volume's local file when it has one, else through `write_at`.
+async fn write_direct<B: Backend>(b: &B, id: &VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    match b.local_path(id).await {
+        Ok(path) => {
+            let st = b.stat_volume(id).await?;
+            slacker_core::backend::check_range(offset, data.len() as u64, st.size)?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| slacker_core::Error::backend("model test", e))?;
+            f.write_all_at(data, offset)
+                .map_err(|e| slacker_core::Error::backend("model test", e))
+        }
+        Err(e) if e.kind() == ErrorKind::Unsupported => b.write_at(id, offset, data).await,
+        Err(e) => Err(e),
     }
 }
 
