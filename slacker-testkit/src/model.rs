@@ -47,6 +47,8 @@ pub const MAX_VOLUME: u64 = 64 << 20;
 /// Volumes up to this size are compared byte for byte at the end of a sequence; larger
 /// ones at every block the model or the backend says holds data, plus a sample.
 const FULL_COMPARE: u64 = 1 << 20;
+/// Comparisons read up to this much at once: several NFS READ chunks of 1 MiB.
+const READ_PIECE: u64 = 3 << 20;
 
 /// One operation. Volumes are named by a small index, snapshots by their position in the
 /// list of every snapshot minted so far (one past the end = an id nobody minted).
@@ -763,7 +765,7 @@ impl<H: Harness> Run<'_, H> {
         let populated = self.model.volume_blocks(id).map_err(|e| e.to_string())?;
         let probe = self.probe(st.size, st.block_size, &[&populated]);
         for run in probe.difference(&st.diverged).runs() {
-            for piece in split(run, (MIB as u64 / bs) as u32) {
+            for piece in split(run, (READ_PIECE / bs) as u32) {
                 let (off, len) = (u64::from(piece.start) * bs, (piece.len() * bs) as usize);
                 let mine = b.read_at(id, off, len).await.map_err(|e| e.to_string())?;
                 let origin = match &st.origin {
@@ -795,7 +797,7 @@ impl<H: Harness> Run<'_, H> {
             .probe(st.size, st.block_size, &[&populated, &st.diverged])
             .runs()
         {
-            for piece in split(run, (MIB as u64 / bs) as u32) {
+            for piece in split(run, (READ_PIECE / bs) as u32) {
                 let (off, len) = (u64::from(piece.start) * bs, (piece.len() * bs) as usize);
                 let got = b.read_at(v, off, len).await.map_err(|e| e.to_string())?;
                 if got != self.model.read_at(v, off, len).map_err(|e| e.to_string())? {
@@ -824,7 +826,7 @@ impl<H: Harness> Run<'_, H> {
             .probe(st.size, st.block_size, &[&populated, &got.diverged])
             .runs()
         {
-            for piece in split(run, (MIB as u64 / blk) as u32) {
+            for piece in split(run, (READ_PIECE / blk) as u32) {
                 let (off, len) = (u64::from(piece.start) * blk, (piece.len() * blk) as usize);
                 let data = self
                     .b()
