@@ -174,6 +174,15 @@ impl NfsHarness {
         serde_json::from_str(&json).expect("valid test configuration")
     }
 
+    /// The same harness (same directories) reaching the server at `addr`.
+    pub fn clone_with_addr(&self, addr: String) -> Self {
+        Self {
+            addr,
+            prefix: self.prefix.clone(),
+            extra: self.extra.clone(),
+        }
+    }
+
     /// A new, empty directory name.
     pub fn fresh_dir(&self) -> String {
         // One counter per process: every test builds its own harness.
