@@ -228,6 +228,36 @@ impl State {
         ))
     }
 
+    /// The blocks of volume `id` that hold data (written to it or inherited from its
+    /// origin); every other block reads as zeros. For tests that compare a large, sparse
+    /// volume block by block without reading all of it.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown volume.
+    pub fn volume_blocks(&self, id: &VolumeId) -> Result<BlockBitmap> {
+        Ok(self
+            .vol(id)?
+            .image
+            .blocks
+            .keys()
+            .map(|&b| BlockIndex(b))
+            .collect())
+    }
+
+    /// As [`volume_blocks`](Self::volume_blocks), for a snapshot.
+    ///
+    /// # Errors
+    /// `NotFound` / `InvalidInput` for an unknown or foreign id.
+    pub fn snapshot_blocks(&self, id: &SnapshotId) -> Result<BlockBitmap> {
+        Ok(self
+            .snap(id)?
+            .image
+            .blocks
+            .keys()
+            .map(|&b| BlockIndex(b))
+            .collect())
+    }
+
     /// See [`Backend::remove_volume`](slacker_core::Backend::remove_volume).
     pub fn remove_volume(&mut self, id: &VolumeId) -> Result<()> {
         self.volumes

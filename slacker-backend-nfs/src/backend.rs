@@ -813,7 +813,7 @@ impl Backend for NfsBackend {
             return Err(Error::already_exists(ObjectKind::Volume, id));
         }
         let data = meta::volume_data(id, &self.nonce()[..meta::GEN_LEN]);
-        r.create(
+        r.create_own(
             "create volume data",
             Dir::Volumes,
             &data,
@@ -908,7 +908,7 @@ impl Backend for NfsBackend {
             let key = self.nonce();
             let sid = SnapshotId::new(SCHEME, &key)?;
             let data = meta::snapshot_data(&key);
-            r.create("create snapshot data", Dir::Snapshots, &data, None)
+            r.create_own("create snapshot data", Dir::Snapshots, &data, None)
                 .await?;
             if let Err(e) = self
                 .copy_data(
@@ -959,7 +959,7 @@ impl Backend for NfsBackend {
             return Err(Error::already_exists(ObjectKind::Volume, new));
         }
         let data = meta::volume_data(new, &self.nonce()[..meta::GEN_LEN]);
-        r.create("create volume data", Dir::Volumes, &data, None)
+        r.create_own("create volume data", Dir::Volumes, &data, None)
             .await?;
         if let Err(e) = self
             .copy_data(

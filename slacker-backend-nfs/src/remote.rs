@@ -306,6 +306,28 @@ impl Remote {
         Ok(())
     }
 
+    /// As [`create`](Self::create), for a name that carries this backend's own nonce:
+    /// `NFS4ERR_EXIST` can then only mean that this request was executed already and its
+    /// reply lost (a re-send after a lost session executes it again), so it is success.
+    pub(crate) async fn create_own(
+        &self,
+        what: &'static str,
+        dir: Dir,
+        name: &str,
+        size: Option<u64>,
+    ) -> R<()> {
+        match self.create(what, dir, name, size).await {
+            Err(e) if e.is_exists() => {
+                if let Some(size) = size {
+                    self.set_size("size re-created file", dir, name, size)
+                        .await?;
+                }
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
     /// Gives back a delegation the server handed out although it was asked not to.
     async fn return_delegation(&self, r: &[OpRes]) {
         let deleg = r.iter().find_map(|o| match o {
@@ -347,7 +369,17 @@ impl Remote {
             },
             Op::Close(StateId::CURRENT),
         ];
-        let r = self.run("WRITE", Dir::Tmp, &name, &ops).await?;
+        let r = match self.run("WRITE", Dir::Tmp, &name, &ops).await {
+            Ok(r) => r,
+            // The name carries our nonce: it exists only because this very request was
+            // executed once already (its reply lost with the session, then re-sent).
+            // Write the data again into it.
+            Err(e) if e.is_exists() => {
+                self.write_data(Dir::Tmp, &name, 0, data).await?;
+                return Ok(name);
+            }
+            Err(e) => return Err(e),
+        };
         self.return_delegation(&r).await;
         let written = r.iter().find_map(|o| match o {
             OpRes::Write { count, .. } => Some(*count as usize),
@@ -380,7 +412,28 @@ impl Remote {
             Op::Lookup(to.to_owned()),
             commit_all(),
         ];
-        self.run("RENAME", from_dir, from, &ops).await.map(drop)
+        match self.run("RENAME", from_dir, from, &ops).await {
+            // Our source (a name with our nonce) is gone and the target is there: this
+            // RENAME was executed already, its reply lost and the request re-sent.
+            Err(e) if e.is_gone() && self.renamed(from_dir, from, to_dir, to).await? => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// Whether `from` is gone and `to` exists (a RENAME that already happened).
+    async fn renamed(&self, from_dir: Dir, from: &str, to_dir: Dir, to: &str) -> R<bool> {
+        Ok(!self.exists(from_dir, from).await? && self.exists(to_dir, to).await?)
+    }
+
+    /// The file handle of `dir/name`, `None` if it does not exist.
+    async fn handle(&self, dir: Dir, name: &str) -> R<Option<Fh>> {
+        let mut ops = self.locate(dir, name);
+        ops.push(Op::GetFh);
+        match self.run("LOOKUP", dir, name, &ops).await {
+            Ok(r) => Ok(fh_of(&r)),
+            Err(e) if e.is_gone() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes a file so that it stays removed after a crash: RENAME into `tmp/` (and
@@ -406,8 +459,17 @@ impl Remote {
             Op::Lookup(gone.clone()),
             commit_all(),
         ]);
-        self.run("RENAME", dir, name, &ops).await?;
-        self.remove("remove renamed file", Dir::Tmp, &gone).await
+        match self.run("RENAME", dir, name, &ops).await {
+            Ok(_) => {}
+            // Executed already (reply lost, request re-sent): the file is in tmp/.
+            Err(e) if e.is_gone() && self.renamed(dir, name, Dir::Tmp, &gone).await? => {}
+            Err(e) => return Err(e),
+        }
+        match self.remove("remove renamed file", Dir::Tmp, &gone).await {
+            // `gone` carries our nonce: nobody else removes it, so it is our own REMOVE.
+            Err(e) if e.is_gone() => Ok(()),
+            r => r,
+        }
     }
 
     /// LINK `from_dir/from` as `to_dir/to` (atomic; `NFS4ERR_EXIST` if `to` exists).
@@ -427,7 +489,22 @@ impl Remote {
             Op::Lookup(to.to_owned()),
             commit_all(),
         ];
-        self.run("LINK", to_dir, to, &ops).await.map(drop)
+        match self.run("LINK", to_dir, to, &ops).await {
+            // `to` exists: if it is the very file `from` names (same file handle), this
+            // LINK was executed already, its reply lost and the request re-sent.
+            Err(e) if e.is_exists() => {
+                let (a, b) = (
+                    self.handle(from_dir, from).await?,
+                    self.handle(to_dir, to).await?,
+                );
+                if a.is_some() && a == b {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            r => r.map(drop),
+        }
     }
 
     /// Removes a file or an empty directory.

@@ -422,6 +422,11 @@ impl Session {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
+                // A re-sent request the server executed but did not cache (an idempotent
+                // one: non-idempotent requests are sent with `cachethis`): execute it
+                // again on a fresh slot, which is safe for exactly that reason.
+                Some((_, Nfs4Status::RetryUncachedRep))
+                    if resent && !cache_this && Instant::now() + delay < deadline => {}
                 Some((code, status)) => {
                     return Err(Error::Nfs {
                         op: ops::op_name(code),

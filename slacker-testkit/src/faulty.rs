@@ -24,6 +24,9 @@ pub enum Fault {
     /// A clone shares a mutable block with its snapshot: writes to the clone show through
     /// in reads of the snapshot it came from.
     SharedCloneBlock,
+    /// Every block of every volume is reported diverged: safe for the shared cache but it
+    /// defeats it (and diffs), and only an upper bound on the bitmap catches it.
+    EverythingDiverged,
 }
 
 /// Wraps a correct backend and breaks it as [`Fault`] says.
@@ -127,6 +130,11 @@ impl<B: Backend> Backend for FaultyBackend<B> {
                 st.diverged = st.diverged.difference(w);
             }
         }
+        if self.fault == Fault::EverythingDiverged {
+            let blocks = (st.size / st.block_size.bytes()) as u32;
+            st.diverged
+                .insert_range(slacker_core::BlockRange::new(0, blocks));
+        }
         Ok(st)
     }
     async fn stat_snapshot(&self, id: &SnapshotId) -> Result<SnapshotStat> {
@@ -180,6 +188,9 @@ impl<H: Harness> Harness for FaultyHarness<H> {
     type Backend = FaultyBackend<H::Backend>;
     async fn fresh(&self) -> Self::Backend {
         FaultyBackend::new(self.inner.fresh().await, self.fault)
+    }
+    fn diverged_granule(&self) -> u64 {
+        self.inner.diverged_granule()
     }
     async fn reopen(&self, backend: Self::Backend) -> Self::Backend {
         // The bug persists across a reopen, as a real one would.

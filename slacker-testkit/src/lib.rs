@@ -45,6 +45,22 @@ pub trait Harness: Send + Sync + 'static {
 
     /// Drops `backend` and opens the same storage again, as a restarted process would.
     async fn reopen(&self, backend: Self::Backend) -> Self::Backend;
+
+    /// How far the backend's diverged bitmap may over-approximate the written blocks, in
+    /// bytes: the model test accepts a bitmap within the written blocks rounded out to
+    /// whole granules of this size (see [`model`]). 0 (the default): exact, at the
+    /// volume's block size. Declare the backend's real unit (btrfs: its 4 KiB page, as
+    /// FIEMAP reports; NFS: its 4 MiB intent granule), never more.
+    fn diverged_granule(&self) -> u64 {
+        0
+    }
+
+    /// Sequences `model_property_test` runs (default: proptest's, 256 or
+    /// `PROPTEST_CASES`). A backend whose every call crosses a slow link may run fewer,
+    /// but must still honour `PROPTEST_CASES`.
+    fn model_cases(&self) -> u32 {
+        model::ModelConfig::default().cases
+    }
 }
 
 /// The harness of the mem backend (reopen = a new handle on the same state).
@@ -164,7 +180,11 @@ macro_rules! conformance_suite {
         #[test]
         fn model_property_test() {
             if let Some(h) = $make {
-                if let Err(e) = $crate::model::run_model_test(&h, $crate::model::ModelConfig::default()) {
+                let config = $crate::model::ModelConfig {
+                    cases: $crate::Harness::model_cases(&h),
+                    ..$crate::model::ModelConfig::default()
+                };
+                if let Err(e) = $crate::model::run_model_test(&h, config) {
                     panic!("model-based property test failed: {e}");
                 }
             }

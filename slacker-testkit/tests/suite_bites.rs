@@ -75,3 +75,13 @@ fn property_test_catches_a_clone_sharing_a_mutable_block() {
     .expect_err("the property test must fail when clone writes leak into the snapshot");
     assert!(err.0.contains("differs from the model"), "{err}");
 }
+
+#[test]
+fn property_test_catches_an_everything_diverged_bitmap() {
+    let err = run_model_test(
+        &FaultyHarness::new(MemHarness, Fault::EverythingDiverged),
+        model_config(),
+    )
+    .expect_err("the property test must bound the bitmap from above");
+    assert!(err.0.contains("beyond the model's writes"), "{err}");
+}

@@ -248,6 +248,12 @@ impl Harness for BtrfsHarness {
         b
     }
 
+    /// FIEMAP reports extents in whole pages: a write to one 512-byte block shows the
+    /// 4 KiB page around it as diverged.
+    fn diverged_granule(&self) -> u64 {
+        4096
+    }
+
     async fn reopen(&self, backend: BtrfsBackend) -> BtrfsBackend {
         let root = backend.root().to_path_buf();
         drop(backend);

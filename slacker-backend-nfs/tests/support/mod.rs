@@ -174,6 +174,15 @@ impl NfsHarness {
         serde_json::from_str(&json).expect("valid test configuration")
     }
 
+    /// The same harness (same directories) reaching the server at `addr`.
+    pub fn clone_with_addr(&self, addr: String) -> Self {
+        Self {
+            addr,
+            prefix: self.prefix.clone(),
+            extra: self.extra.clone(),
+        }
+    }
+
     /// A new, empty directory name.
     pub fn fresh_dir(&self) -> String {
         // One counter per process: every test builds its own harness.
@@ -198,6 +207,21 @@ impl slacker_testkit::Harness for NfsHarness {
     async fn fresh(&self) -> Self::Backend {
         let dir = self.fresh_dir();
         self.open(&dir).await
+    }
+
+    /// A write first makes the volume's document cover its 4 MiB intent granule; until a
+    /// flush or snapshot writes the exact bitmap, a reopened backend reports the granule.
+    fn diverged_granule(&self) -> u64 {
+        4 << 20
+    }
+
+    /// Every call crosses to the (TCG) VM: 32 sequences (~2.5 min) unless
+    /// `PROPTEST_CASES` asks for more.
+    fn model_cases(&self) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32)
     }
 
     async fn reopen(&self, backend: Self::Backend) -> Self::Backend {
