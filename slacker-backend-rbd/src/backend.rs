@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,8 +23,6 @@ use crate::sys::{Cluster, Errno, Image, IoCtx, OpenBy, SnapNamespace};
 const VOL: &str = "v.";
 /// Image name prefix of a removed volume whose snapshots live on: `r.<image id>`.
 const RETIRED: &str = "r.";
-/// Image name prefix of a volume being created with a block size: `t.<random>`.
-const TMP: &str = "t.";
 /// Snapshot name prefix: `s.<key>`.
 const SNAP: &str = "s.";
 /// Name of a snapshot being removed: `d.<key>` (the removal's linearization point).
@@ -70,8 +68,10 @@ struct Vol {
     block_size: BlockSize,
     /// Blocks this process wrote (joined with what RBD reports).
     written: Mutex<BlockBitmap>,
-    /// Whether a foreign exclusive lock was checked for (and broken) on this handle.
-    writable: AtomicBool,
+    /// The read-write handle, opened by the first change. Reads and stats go through the
+    /// read-only `image`, which never takes the exclusive lock: a host that only reads a
+    /// volume must not own (and so lose, blocklisted) the lock a writer takes over.
+    writer: Mutex<Option<Arc<Image>>>,
 }
 
 #[derive(Debug)]
@@ -232,10 +232,14 @@ impl Inner {
         }
         let name = vol_name(id);
         let image = self
-            .open(OpenBy::Name(&name), None, false)
+            .open(OpenBy::Name(&name), None, true)
             .map_err(|e| on(ObjectKind::Volume, id.as_str(), e))?;
         let image_id = self.call("rbd_get_id", &name, image.id())?;
         let size = self.call("rbd_get_size", &name, image.size())?;
+        if size == 0 {
+            // Being created (or a creation that crashed): not a volume yet.
+            return Err(Error::not_found(ObjectKind::Volume, id));
+        }
         let block_size = self.block_size_of(&image, &name)?;
         let v = Arc::new(Vol {
             image,
@@ -243,7 +247,7 @@ impl Inner {
             size,
             block_size,
             written: Mutex::new(BlockBitmap::new()),
-            writable: AtomicBool::new(false),
+            writer: Mutex::new(None),
         });
         Ok(Arc::clone(lock(&self.vols).entry(id.clone()).or_insert(v)))
     }
@@ -347,15 +351,16 @@ impl Inner {
     /// change through this handle, instead of waiting ~30 s for its watch to expire. A
     /// volume has one writer at a time; whoever opens it to write takes it over (the old
     /// owner is blocklisted, so it cannot write behind our back).
-    fn ensure_writable(&self, v: &Vol, what: &str) -> Result<()> {
-        if v.writable.load(Ordering::Acquire) {
-            return Ok(());
+    fn writer(&self, v: &Vol, what: &str) -> Result<Arc<Image>> {
+        let mut w = lock(&v.writer);
+        if let Some(img) = w.as_ref() {
+            return Ok(Arc::clone(img));
         }
-        let owners = self.call("rbd_lock_get_owners", what, v.image.lock_owners())?;
+        let img = self.open(OpenBy::Id(&v.image_id), None, false)?;
+        let owners = self.call("rbd_lock_get_owners", what, img.lock_owners())?;
         let mine = self.call("rados_getaddrs", what, self.cluster.addrs())?;
-        // Our own handle may own it already (object-map reads take the lock).
         for o in owners.into_iter().filter(|o| !mine.contains(o.as_str())) {
-            match v.image.lock_break(&o) {
+            match img.lock_break(&o) {
                 Ok(()) | Err(ENOENT) => {}
                 Err(e) => {
                     return Err(self
@@ -364,8 +369,9 @@ impl Inner {
                 }
             }
         }
-        v.writable.store(true, Ordering::Release);
-        Ok(())
+        let img = Arc::new(img);
+        *w = Some(Arc::clone(&img));
+        Ok(img)
     }
 
     fn holds(&self, image: &Image, hex: &str, what: &str) -> Result<Vec<String>> {
@@ -437,14 +443,17 @@ impl Inner {
                 }
             }
         }
-        // Creations with a block size interrupted before their rename.
-        for (image_id, name) in self.call("rbd_list2", &self.location, self.io.list())? {
-            if !name.starts_with(TMP) {
+        // Creations with a block size interrupted before the image got its size.
+        for (image_id, name) in self.images()? {
+            if !name.starts_with(VOL) {
                 continue;
             }
             let Ok(image) = Image::open(&self.io, OpenBy::Id(&image_id), None, true) else {
                 continue;
             };
+            if self.call("rbd_get_size", &name, image.size())? != 0 {
+                continue;
+            }
             let born = self.call("rbd_get_create_timestamp", &name, image.create_time())?;
             drop(image);
             if now - born >= grace.as_secs() as i64 && self.delete_image(&name, &image_id, &name)? {
@@ -693,44 +702,30 @@ impl Backend for RbdBackend {
                     )
                     .map_err(|e| on(ObjectKind::Volume, id.as_str(), e));
             }
-            // A block size other than the default is image metadata: create the image
-            // under a temporary name, record it, then rename (atomic, refuses an
-            // existing name). A crash leaves only a `t.` image, which gc removes.
-            let tmp = format!("{TMP}{}", random_hex());
+            // A block size other than the default is image metadata, which cannot be
+            // written together with the image. So the image is created empty (size 0:
+            // no volume has that size, so it is invisible and counts as "being
+            // created"), which decides a race atomically; then the block size is
+            // recorded and the image grown to its size, which makes it a volume. A crash
+            // leaves an invisible empty image that gc removes. (A temporary name and
+            // rbd_rename would not do: two concurrent renames onto one name both succeed.)
             i.point("rbd_create4")?;
             i.call(
                 "rbd_create4",
-                &tmp,
-                i.io.create(&tmp, options.size, i.config.order(), FEATURES),
+                &name,
+                i.io.create(&name, 0, i.config.order(), FEATURES),
+            )
+            .map_err(|e| on(ObjectKind::Volume, id.as_str(), e))?;
+            let img = i.open(OpenBy::Name(&name), None, false)?;
+            i.point("rbd_metadata_set")?;
+            i.call(
+                "rbd_metadata_set",
+                &name,
+                img.metadata_set(META_BLOCK_SIZE, &bs.get().to_string()),
             )?;
-            {
-                let img = i.open(OpenBy::Name(&tmp), None, false)?;
-                i.point("rbd_metadata_set")?;
-                i.call(
-                    "rbd_metadata_set",
-                    &tmp,
-                    img.metadata_set(META_BLOCK_SIZE, &bs.get().to_string()),
-                )?;
-            }
-            i.point("rbd_rename")?;
-            match i.io.rename(&tmp, &name) {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    let _ = i.io.trash_move(&tmp);
-                    let _ = i.io.trash_list().map(|l| {
-                        l.into_iter()
-                            .filter(|(_, n, _)| *n == tmp)
-                            .for_each(|(tid, _, _)| {
-                                let _ = i.io.trash_remove(&tid);
-                            })
-                    });
-                    Err(on(
-                        ObjectKind::Volume,
-                        id.as_str(),
-                        i.err("rbd_rename", &name, e),
-                    ))
-                }
-            }
+            i.point("rbd_resize")?;
+            i.call("rbd_resize", &name, img.resize(options.size))?;
+            Ok(())
         })
         .await
     }
@@ -756,9 +751,9 @@ impl Backend for RbdBackend {
                 return Ok(());
             }
             let name = vol_name(&id);
-            i.ensure_writable(&v, &name)?;
+            let w = i.writer(&v, &name)?;
             i.point("rbd_write")?;
-            i.call("rbd_write", &name, v.image.write(offset, &data))?;
+            i.call("rbd_write", &name, w.write(offset, &data))?;
             lock(&v.written).insert_range(v.block_size.blocks_touched(offset, data.len() as u64));
             Ok(())
         })
@@ -769,8 +764,15 @@ impl Backend for RbdBackend {
         let id = id.clone();
         self.run(move |i| {
             let v = i.vol(&id)?;
-            i.call("rbd_flush", &vol_name(&id), v.image.flush())
-                .map_err(Error::from)
+            // Writes are not cached (rbd_cache = false): only a writer can have any in
+            // flight.
+            let w = lock(&v.writer).clone();
+            match w {
+                Some(w) => i
+                    .call("rbd_flush", &vol_name(&id), w.flush())
+                    .map_err(Error::from),
+                None => Ok(()),
+            }
         })
         .await
     }
@@ -780,18 +782,19 @@ impl Backend for RbdBackend {
         self.run(move |i| {
             let v = i.vol(&id)?;
             let name = vol_name(&id);
-            i.ensure_writable(&v, &name)?;
+            let w = i.writer(&v, &name)?;
             let hex = random_hex();
             i.point("rbd_snap_create")?;
             i.call(
                 "rbd_snap_create",
                 &name,
-                v.image.snap_create(&format!("{SNAP}{hex}")),
+                w.snap_create(&format!("{SNAP}{hex}")),
             )
             .map_err(|e| on(ObjectKind::Volume, id.as_str(), e))?;
             // Release the exclusive lock: other hosts hold and remove this snapshot
             // through the image's owner, and a writer that goes away must not leave them
             // waiting for its lock to expire.
+            drop(w);
             lock(&i.vols).remove(&id);
             snap_id(&v.image_id, &hex)
         })
@@ -1010,11 +1013,22 @@ impl Backend for RbdBackend {
 
     async fn list_volumes(&self) -> Result<Vec<VolumeId>> {
         self.run(|i| {
-            let mut v: Vec<VolumeId> = i
-                .images()?
-                .into_iter()
-                .filter_map(|(_, n)| n.strip_prefix(VOL).and_then(|s| VolumeId::new(s).ok()))
-                .collect();
+            let mut v = Vec::new();
+            for (image_id, name) in i.images()? {
+                let Some(id) = name.strip_prefix(VOL).and_then(|s| VolumeId::new(s).ok()) else {
+                    continue;
+                };
+                if lock(&i.vols).contains_key(&id) {
+                    v.push(id);
+                    continue;
+                }
+                // Hide images being created (size 0).
+                match Image::open(&i.io, OpenBy::Id(&image_id), None, true) {
+                    Ok(img) if i.call("rbd_get_size", &name, img.size())? > 0 => v.push(id),
+                    Ok(_) | Err(ENOENT) => {}
+                    Err(e) => return Err(i.err("rbd_open", &name, e).into()),
+                }
+            }
             v.sort();
             Ok(v)
         })
@@ -1047,25 +1061,40 @@ impl Backend for RbdBackend {
         validate_holder(holder)?;
         let (id, holder) = (id.clone(), holder.to_owned());
         self.run(move |i| {
-            let (image, _, hex) = i.snap_image(&id)?;
+            let (image, image_id, hex) = i.snap_image(&id)?;
             let what = id.to_string();
             let (live, dying) = (format!("{SNAP}{hex}"), format!("{DYING}{hex}"));
-            let exists = |n: &str| i.call("rbd_snap_exists", &what, image.snap_exists(n));
-            if !exists(&live)? && !exists(&dying)? {
+            // Which names exist, read from a freshly opened handle: a long-lived one may
+            // not have seen a concurrent rename yet.
+            let names = || -> Result<(bool, bool)> {
+                let fresh = i.open(OpenBy::Id(&image_id), None, true)?;
+                let l = i.call("rbd_snap_exists", &what, fresh.snap_exists(&live))?;
+                let d = i.call("rbd_snap_exists", &what, fresh.snap_exists(&dying))?;
+                Ok((l, d))
+            };
+            if names()? == (false, false) {
                 return Err(Error::not_found(ObjectKind::Snapshot, &id));
             }
             let key = hold_key(&hex, &holder);
             i.point("rbd_metadata_set")?;
             i.call("rbd_metadata_set", &what, image.metadata_set(&key, ""))?;
             // The hold is in place; it counts if the snapshot still exists. While a
-            // removal is deciding (renamed to `d.`), wait for its decision.
+            // removal is deciding (renamed to `d.`), wait for its decision. Both names
+            // absent twice in a row means removed (one absence can be a rename back
+            // between the two lookups).
             let start = Instant::now();
+            let mut absent = 0;
             loop {
-                if exists(&live)? {
-                    return Ok(());
-                }
-                if !exists(&dying)? {
-                    break;
+                match names()? {
+                    (true, _) => return Ok(()),
+                    (false, false) => {
+                        absent += 1;
+                        if absent >= 2 {
+                            break;
+                        }
+                        continue;
+                    }
+                    (false, true) => absent = 0,
                 }
                 if start.elapsed() > REMOVAL_DECIDES {
                     // The remover died between rename and decision: roll it back.

@@ -508,6 +508,12 @@ impl Image {
         Ok(())
     }
 
+    /// `rbd_resize`.
+    pub fn resize(&self, size: u64) -> Result<(), Errno> {
+        // SAFETY: open image.
+        check(unsafe { rbd::rbd_resize(self.raw, size) }).map(drop)
+    }
+
     /// `rbd_flush`.
     pub fn flush(&self) -> Result<(), Errno> {
         // SAFETY: open image.
