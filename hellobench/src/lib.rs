@@ -23,6 +23,7 @@ pub mod error;
 pub mod nfs;
 pub mod path;
 pub mod preflight;
+pub mod rbd;
 pub mod registry;
 pub mod report;
 pub mod slacker;

@@ -17,12 +17,18 @@ use slacker_hellobench::report::{self, Host, Results};
 use slacker_hellobench::slacker::{Mode, SlackerPath, Storage};
 use slacker_hellobench::spec::{Corpus, ImageSpec, Spec};
 use slacker_hellobench::storage::{self, BtrfsImage};
-use slacker_hellobench::{dedup, nfs, progress, sys};
+use slacker_hellobench::{dedup, nfs, progress, rbd, sys};
 
 mod setup;
 
 /// Every path, in measuring order.
-const ALL_PATHS: [&str; 4] = ["baseline", "slacker", "slacker-lazy", "slacker-nfs"];
+const ALL_PATHS: [&str; 5] = [
+    "baseline",
+    "slacker",
+    "slacker-lazy",
+    "slacker-nfs",
+    "slacker-rbd",
+];
 
 /// The paths measured without `--paths`: `slacker-nfs` only when `SLACKER_NFS_ADDR` names
 /// a server (it is opt-in: without one, `--paths ...,slacker-nfs` starts the knfsd VM).
@@ -30,6 +36,7 @@ fn default_paths() -> Vec<String> {
     ALL_PATHS
         .iter()
         .filter(|p| **p != "slacker-nfs" || nfs::configured().is_some())
+        .filter(|p| **p != "slacker-rbd" || rbd::configured().is_some())
         .map(|p| (*p).to_owned())
         .collect()
 }
@@ -556,7 +563,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                     let can_run = match mode {
                         Mode::Kernel => pf.slacker_run,
                         Mode::Lazy => pf.slacker_lazy_run,
-                        Mode::Nfs => pf.slacker_nfs_run,
+                        Mode::Nfs | Mode::Rbd => pf.slacker_nfs_run,
                     };
                     if !can_run {
                         skipped.push(format!(
@@ -600,6 +607,27 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                     }
                     // A server was configured but cannot be used: a failure, not an opt-out.
                     None if nfs::configured().is_some() => ok = false,
+                    None => {}
+                }
+            }
+            if args.wants("slacker-rbd") {
+                let pr = rbd::run(
+                    &pf,
+                    registry.addr(),
+                    &images,
+                    timeout,
+                    work,
+                    plan,
+                    &mut skipped,
+                    &mut results,
+                )
+                .await?;
+                match pr {
+                    Some(pr) => {
+                        ok &= all_ok(&pr);
+                        results.paths.push(pr);
+                    }
+                    None if rbd::configured().is_some() => ok = false,
                     None => {}
                 }
             }

@@ -88,6 +88,8 @@ pub enum Mode {
     /// As [`Mode::Lazy`], over an NFS backend (the knfsd VM): the real network path, no
     /// emulated link: `slacker-nfs`.
     Nfs,
+    /// As [`Mode::Nfs`], over a Ceph RBD backend: `slacker-rbd` (see `crate::rbd`).
+    Rbd,
 }
 
 impl Mode {
@@ -97,6 +99,7 @@ impl Mode {
             Self::Kernel => "slacker",
             Self::Lazy => "slacker-lazy",
             Self::Nfs => "slacker-nfs",
+            Self::Rbd => "slacker-rbd",
         }
     }
 }
@@ -201,7 +204,7 @@ impl Storage {
         .await
     }
 
-    async fn with_backend(
+    pub(crate) async fn with_backend(
         backend: Arc<dyn Backend>,
         description: String,
         local: bool,
@@ -354,7 +357,7 @@ impl SlackerPath {
     ) -> Result<Self> {
         let (data, counting, link) = match mode {
             Mode::Kernel => (storage.backend.clone(), None, None),
-            Mode::Nfs => {
+            Mode::Nfs | Mode::Rbd => {
                 let c = Arc::new(Counting::new(storage.backend.clone()));
                 (c.clone() as Arc<dyn Backend>, Some(c), None)
             }
@@ -371,6 +374,7 @@ impl SlackerPath {
             Mode::Kernel => "worker",
             Mode::Lazy => "worker-lazy",
             Mode::Nfs => "worker-nfs",
+            Mode::Rbd => "worker-rbd",
         };
         let worker = LayerStore::open(
             data.clone(),
@@ -423,6 +427,11 @@ impl SlackerPath {
             ),
             Mode::Nfs => format!(
                 "{}: push = snapshot (server-side) + reference layer + config + manifest; pull = manifest + config + reference layer, apply_diff (lazy: no data); run = get (server-side clone) + LazyVolume (default options) over Counting(NfsBackend) + FUSE disk.img + losetup + mount ext4 + /proc, /dev, chroot, readiness; the real network path to the NFS server, no emulated link; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness; prepare imports each image (ext4) into an NFS volume once (untimed); storage: {}",
+                self.mode.name(),
+                self.storage.describe()
+            ),
+            Mode::Rbd => format!(
+                "{}: push = RBD snapshot + reference layer + config + manifest; pull = manifest + config + reference layer, apply_diff (lazy: no data); run = get (RBD clone, format 2) + LazyVolume (default options) over Counting(RbdBackend, librbd in process) + FUSE disk.img + losetup + mount ext4 + /proc, /dev, chroot, readiness; the real network path to the OSD, no emulated link; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness; prepare imports each image (ext4) into an RBD volume once (untimed); storage: {}",
                 self.mode.name(),
                 self.storage.describe()
             ),
@@ -590,7 +599,7 @@ impl BenchPath for SlackerPath {
                 })
                 .await
             }
-            Mode::Lazy | Mode::Nfs => {
+            Mode::Lazy | Mode::Nfs | Mode::Rbd => {
                 let lazy = LazyVolume::open(
                     self.data.clone(),
                     vol,
@@ -632,7 +641,7 @@ impl BenchPath for SlackerPath {
         // what a shared-storage deployment would have fetched.
         let fetched = match self.mode {
             Mode::Kernel => read,
-            Mode::Lazy | Mode::Nfs => fetched,
+            Mode::Lazy | Mode::Nfs | Mode::Rbd => fetched,
         };
         Ok(Step {
             network_bytes: fetched,
@@ -645,7 +654,7 @@ impl BenchPath for SlackerPath {
                 (
                     match self.mode {
                         Mode::Kernel => "loop mount".into(),
-                        Mode::Lazy | Mode::Nfs => "FUSE + loop mount".into(),
+                        Mode::Lazy | Mode::Nfs | Mode::Rbd => "FUSE + loop mount".into(),
                     },
                     t_mount,
                 ),

@@ -17,6 +17,15 @@
 //!
 //! ```toml
 //! [backend]
+//! kind = "rbd"                # Ceph RBD layering (feature "rbd"), shared by many hosts
+//! mon_host = "10.0.0.5:3300"
+//! keyring = "/etc/ceph/ceph.client.admin.keyring"
+//! pool = "rbd"
+//! namespace = "slacker"       # optional
+//! ```
+//!
+//! ```toml
+//! [backend]
 //! kind = "mem"                # in-process reference model: demos and tests only
 //! ```
 //!
@@ -40,6 +49,8 @@ use slacker_core::{Backend, Error, Result};
 
 pub use slacker_backend_btrfs::Durability;
 pub use slacker_backend_nfs::{CloneMode, NfsConfig};
+#[cfg(feature = "rbd")]
+pub use slacker_backend_rbd::RbdConfig;
 
 /// Which backend holds the volumes and snapshots, and how to reach it: the `[backend]`
 /// table (serde, tagged by `kind`; unknown keys are refused).
@@ -53,6 +64,11 @@ pub enum BackendConfig {
     Btrfs(BtrfsTable),
     /// `kind = "nfs"`: volumes as files on an NFSv4.2 server, shared by many workers.
     Nfs(NfsConfig),
+    /// `kind = "rbd"`: volumes as Ceph RBD images, snapshot and clone by RBD layering,
+    /// shared by many workers (crate feature `rbd`; without it the table is refused with a
+    /// `Config` error that says so).
+    #[cfg(feature = "rbd")]
+    Rbd(RbdConfig),
 }
 
 /// The keys of a `kind = "mem"` table (none).
@@ -110,6 +126,8 @@ impl BackendConfig {
             BackendConfig::Mem(_) => slacker_backend_mem::SCHEME,
             BackendConfig::Btrfs(_) => slacker_backend_btrfs::SCHEME,
             BackendConfig::Nfs(_) => slacker_backend_nfs::SCHEME,
+            #[cfg(feature = "rbd")]
+            BackendConfig::Rbd(_) => slacker_backend_rbd::SCHEME,
         }
     }
 
@@ -119,7 +137,16 @@ impl BackendConfig {
     /// `Config`, naming the offending key or value, for malformed TOML, an unknown `kind`,
     /// a missing required key or an unknown key.
     pub fn from_toml_table(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(format!("[backend]: {e}")))
+        toml::from_str(text).map_err(|e| {
+            if !cfg!(feature = "rbd") && is_rbd_table(text) {
+                return Error::Config(
+                    "[backend]: kind = \"rbd\" needs slacker-config's feature \"rbd\" \
+                     (this program was built without Ceph RBD support)"
+                        .to_owned(),
+                );
+            }
+            Error::Config(format!("[backend]: {e}"))
+        })
     }
 
     /// The table as TOML (the body, without the `[backend]` header).
@@ -148,8 +175,23 @@ impl BackendConfig {
                     .build()
                     .await?,
             ),
+            #[cfg(feature = "rbd")]
+            BackendConfig::Rbd(c) => Arc::new(
+                slacker_backend_rbd::RbdBuilder::from_config(c.clone())
+                    .build()
+                    .await?,
+            ),
         })
     }
+}
+
+/// Whether a table that failed to parse says `kind = "rbd"`.
+fn is_rbd_table(text: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Option<String>,
+    }
+    toml::from_str::<Kind>(text).is_ok_and(|k| k.kind.as_deref() == Some("rbd"))
 }
 
 #[cfg(test)]
@@ -197,6 +239,36 @@ mod tests {
         ] {
             let text = c.to_toml_table();
             assert_eq!(BackendConfig::from_toml_table(&text).unwrap(), c, "{text}");
+        }
+    }
+
+    #[test]
+    fn rbd_tables_need_the_feature() {
+        let text = "kind = \"rbd\"\nmon_host = \"127.0.0.1:3300\"\nnamespace = \"w\"\n";
+        let r = BackendConfig::from_toml_table(text);
+        #[cfg(feature = "rbd")]
+        {
+            let c = r.unwrap();
+            assert_eq!(c.kind(), "rbd");
+            let BackendConfig::Rbd(rc) = &c else {
+                panic!("not rbd: {c:?}")
+            };
+            assert_eq!(
+                (rc.pool.as_str(), rc.namespace.as_deref()),
+                ("rbd", Some("w"))
+            );
+            assert_eq!(
+                BackendConfig::from_toml_table(&c.to_toml_table()).unwrap(),
+                c
+            );
+            let e = BackendConfig::from_toml_table(&format!("{text}typo = 1\n")).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        }
+        #[cfg(not(feature = "rbd"))]
+        {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            assert!(e.to_string().contains("feature"), "{e}");
         }
     }
 
