@@ -86,7 +86,6 @@ fi
 
 log "cargo test --offline (the conformance suite and the model test)"
 CI="${CI:-}" cargo test --offline
-grep -q '^slacker-core' Cargo.lock
 grep -A2 '^name = "slacker-core"' Cargo.lock | grep -q 'source = "registry+' \
   || { log "FAIL: slacker-core did not come from the registry"; exit 1; }
 log "ok: a crate outside the workspace built and passed the conformance suite on the packaged crates"
