@@ -157,14 +157,21 @@ macro_rules! __check_list {
 
 /// Stamps out one `#[test]` per conformance check, plus `model_property_test`, for the
 /// harness that `$make` (an expression of type `Option<impl Harness>`) builds.
+///
+/// `conformance_suite!($make, model = $config)` runs the property test with a
+/// [`model::ModelConfig`] of the backend's choosing (fewer cases where every operation is a
+/// network round trip).
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
+        $crate::conformance_suite!($make, model = $crate::model::ModelConfig::default());
+    };
+    ($make:expr, model = $config:expr) => {
         $crate::__check_list!(tests; $make);
         #[test]
         fn model_property_test() {
             if let Some(h) = $make {
-                if let Err(e) = $crate::model::run_model_test(&h, $crate::model::ModelConfig::default()) {
+                if let Err(e) = $crate::model::run_model_test(&h, $config) {
                     panic!("model-based property test failed: {e}");
                 }
             }
