@@ -70,7 +70,9 @@ options:
   --reps N                repetitions per image, median reported (default: 1)
   --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy, plus
                           slacker-nfs if SLACKER_NFS_ADDR=host:port is set; naming slacker-nfs
-                          without it starts/reuses the knfsd VM, slacker-backend-nfs/server)
+                          without it starts/reuses the knfsd VM, slacker-backend-nfs/server;
+                          slacker-rbd likewise with SLACKER_RBD_MON (+ SLACKER_RBD_KEYRING) or
+                          the Ceph test cluster of slacker-backend-rbd/cluster)
   --link-latency-us N     slacker-lazy: emulated latency per storage request (default 200;
                           0 with --link-mbit 0 turns the emulated link off)
   --link-mbit N           slacker-lazy: emulated storage link bandwidth (default 1000; 0 = unlimited)

@@ -172,7 +172,9 @@ macro_rules! __check_list {
 }
 
 /// Stamps out one `#[test]` per conformance check, plus `model_property_test`, for the
-/// harness that `$make` (an expression of type `Option<impl Harness>`) builds.
+/// harness that `$make` (an expression of type `Option<impl Harness>`) builds. The property
+/// test runs [`Harness::model_cases`] sequences and accepts the bitmap over-approximation
+/// that [`Harness::diverged_granule`] declares.
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {

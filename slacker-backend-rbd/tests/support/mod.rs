@@ -170,6 +170,21 @@ impl Harness for RbdHarness {
         drop(backend);
         self.open(&ns).await
     }
+
+    /// RBD reports divergence per object (`diff_iterate2` with `whole_object`): the bitmap
+    /// may cover the whole object around each written block, never more.
+    fn diverged_granule(&self) -> u64 {
+        u64::from(self.config("granule").object_size)
+    }
+
+    /// Every step is a cluster round trip: 64 sequences (256 take ~7 minutes on a loaded
+    /// 2-core machine); `PROPTEST_CASES` overrides.
+    fn model_cases(&self) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64)
+    }
 }
 
 /// The harness, or `None` (see [`cluster`]).
