@@ -8,6 +8,7 @@ pub mod block;
 pub mod error;
 pub mod ids;
 pub mod layer;
+pub mod merkle;
 pub mod persist;
 pub mod worker;
 
