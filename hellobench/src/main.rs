@@ -20,7 +20,13 @@ use slacker_hellobench::storage::{self, BtrfsImage};
 use slacker_hellobench::{dedup, nfs, progress, sys};
 
 /// Every path, in measuring order.
-const ALL_PATHS: [&str; 4] = ["baseline", "slacker", "slacker-lazy", "slacker-nfs"];
+const ALL_PATHS: [&str; 5] = [
+    "baseline",
+    "slacker",
+    "slacker-lazy",
+    "slacker-lazy-trace",
+    "slacker-nfs",
+];
 
 /// The paths measured without `--paths`: `slacker-nfs` only when `SLACKER_NFS_ADDR` names
 /// a server (it is opt-in: without one, `--paths ...,slacker-nfs` starts the knfsd VM).
@@ -37,7 +43,8 @@ usage: slacker-hellobench [COMMAND] [OPTIONS]
 
 commands:
   bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
-           slacker, slacker-lazy, and slacker-nfs when SLACKER_NFS_ADDR is set), dedup
+           slacker, slacker-lazy, slacker-lazy-trace, and slacker-nfs when SLACKER_NFS_ADDR
+           is set), dedup
            analysis, write results
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
@@ -50,10 +57,11 @@ options:
   --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
                           SLACKER_CACHE defaults to /var/cache/slacker)
   --reps N                repetitions per image, median reported (default: 1)
-  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy, plus
+  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy,
+                          slacker-lazy-trace (fresh worker, startup trace prefetched), plus
                           slacker-nfs if SLACKER_NFS_ADDR=host:port is set; naming slacker-nfs
                           without it starts/reuses the knfsd VM, slacker-backend-nfs/server)
-  --link-latency-us N     slacker-lazy: emulated latency per storage request (default 200;
+  --link-latency-us N     slacker-lazy(-trace): emulated latency per storage request (default 200;
                           0 with --link-mbit 0 turns the emulated link off)
   --link-mbit N           slacker-lazy: emulated storage link bandwidth (default 1000; 0 = unlimited)
   --busybox               use (and build) the busybox stand-in for package-less images even
@@ -477,7 +485,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 results.paths.push(pr);
                 drop(trad);
             }
-            let slacker_modes: Vec<Mode> = [Mode::Kernel, Mode::Lazy]
+            let slacker_modes: Vec<Mode> = [Mode::Kernel, Mode::Lazy, Mode::LazyTrace]
                 .into_iter()
                 .filter(|m| args.wants(m.name()))
                 .collect();
@@ -493,17 +501,17 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 for mode in slacker_modes {
                     let can_run = match mode {
                         Mode::Kernel => pf.slacker_run,
-                        Mode::Lazy => pf.slacker_lazy_run,
+                        Mode::Lazy | Mode::LazyTrace => pf.slacker_lazy_run,
                         Mode::Nfs => pf.slacker_nfs_run,
                     };
                     if !can_run {
                         skipped.push(format!(
                             "{} run phase: needs root, losetup, ext4{} (see the missing lines above)",
                             mode.name(),
-                            if mode == Mode::Lazy { " and /dev/fuse" } else { "" }
+                            if mode != Mode::Kernel { " and /dev/fuse" } else { "" }
                         ));
                     }
-                    let link = if mode == Mode::Lazy {
+                    let link = if matches!(mode, Mode::Lazy | Mode::LazyTrace) {
                         args.link()
                     } else {
                         None
