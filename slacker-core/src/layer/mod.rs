@@ -1096,10 +1096,27 @@ impl<B: Backend> LayerStore<B> {
             Ok(s) => s,
             Err(e) => return Err(self.abort(&mut inner, rec, e).await),
         };
+        // The first import hashes the written blocks once (incrementally from the parent's
+        // tree when there is one), so every later push of a clone is O(written).
+        let merkle = async {
+            let stat = self.backend.stat_snapshot(&snap).await?;
+            self.build_merkle(&inner, &stat).await
+        };
+        let merkle = match merkle.await {
+            Ok(m) => m,
+            Err(e) => {
+                rec.snapshot = Some(snap.clone()); // minted here: the rollback removes it
+                return Err(self.abort(&mut inner, rec, e).await);
+            }
+        };
         rec.snapshot = Some(snap.clone());
+        rec.merkle = Some(merkle.clone());
         self.write_record(&mut inner, &rec).await?;
         let finish = async {
             self.backend.hold_snapshot(&snap, &self.key(id)).await?;
+            self.backend
+                .hold_snapshot(&merkle.tree, &self.key(id))
+                .await?;
             self.backend.remove_volume(&vol).await
         };
         if let Err(e) = finish.await {
