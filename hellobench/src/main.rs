@@ -26,6 +26,7 @@ const ALL_PATHS: [&str; 5] = [
     "baseline",
     "slacker",
     "slacker-lazy",
+    "slacker-lazy-trace",
     "slacker-nfs",
     "slacker-rbd",
 ];
@@ -51,7 +52,8 @@ btrfs-progs, e2fsprogs). A host that cannot build the real corpus fails with the
 
 commands:
   bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
-           slacker, slacker-lazy, and slacker-nfs when SLACKER_NFS_ADDR is set), dedup
+           slacker, slacker-lazy, slacker-lazy-trace, and slacker-nfs when SLACKER_NFS_ADDR
+           is set), dedup
            analysis, write results
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
@@ -68,12 +70,13 @@ options:
   --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
                           SLACKER_CACHE defaults to /var/cache/slacker)
   --reps N                repetitions per image, median reported (default: 1)
-  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy, plus
+  --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy,
+                          slacker-lazy-trace (fresh worker, startup trace prefetched), plus
                           slacker-nfs if SLACKER_NFS_ADDR=host:port is set; naming slacker-nfs
                           without it starts/reuses the knfsd VM, slacker-backend-nfs/server;
                           slacker-rbd likewise with SLACKER_RBD_MON (+ SLACKER_RBD_KEYRING) or
                           the Ceph test cluster of slacker-backend-rbd/cluster)
-  --link-latency-us N     slacker-lazy: emulated latency per storage request (default 200;
+  --link-latency-us N     slacker-lazy(-trace): emulated latency per storage request (default 200;
                           0 with --link-mbit 0 turns the emulated link off)
   --link-mbit N           slacker-lazy: emulated storage link bandwidth (default 1000; 0 = unlimited)
   --busybox               use (and build) the busybox stand-in for package-less images even
@@ -548,7 +551,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 results.paths.push(pr);
                 drop(trad);
             }
-            let slacker_modes: Vec<Mode> = [Mode::Kernel, Mode::Lazy]
+            let slacker_modes: Vec<Mode> = [Mode::Kernel, Mode::Lazy, Mode::LazyTrace]
                 .into_iter()
                 .filter(|m| args.wants(m.name()))
                 .collect();
@@ -564,17 +567,17 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 for mode in slacker_modes {
                     let can_run = match mode {
                         Mode::Kernel => pf.slacker_run,
-                        Mode::Lazy => pf.slacker_lazy_run,
+                        Mode::Lazy | Mode::LazyTrace => pf.slacker_lazy_run,
                         Mode::Nfs | Mode::Rbd => pf.slacker_nfs_run,
                     };
                     if !can_run {
                         skipped.push(format!(
                             "{} run phase: needs root, losetup, ext4{} (see the missing lines above)",
                             mode.name(),
-                            if mode == Mode::Lazy { " and /dev/fuse" } else { "" }
+                            if mode != Mode::Kernel { " and /dev/fuse" } else { "" }
                         ));
                     }
-                    let link = if mode == Mode::Lazy {
+                    let link = if matches!(mode, Mode::Lazy | Mode::LazyTrace) {
                         args.link()
                     } else {
                         None

@@ -57,12 +57,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use slacker_backend_btrfs::BtrfsBuilder;
 use slacker_backend_nfs::NfsBuilder;
+use slacker_core::merkle::MerkleVerifier;
 use slacker_core::persist::{DirStore, MetaStore};
 use slacker_core::worker::{
     BlockCache, Counting, LazyVolume, LazyVolumeOptions, LinkProfile, Throttled,
 };
 use slacker_core::{Backend, ErrorKind, LayerStore, LayerStoreOptions, SnapshotId};
 use slacker_fuse::{Mount, MountOptions};
+use slacker_oci::referrers::StartupTrace;
 use slacker_oci::{ClientOptions, PushOptions, RegistryClient};
 
 use crate::container::{self, Running};
@@ -76,6 +78,8 @@ use crate::storage::{self, BtrfsImage};
 const MIN_VOLUME: u64 = 64 << 20;
 /// The worker's shared block cache (slacker-lazy).
 const CACHE_BYTES: u64 = 1 << 30;
+/// The byte bound of a trace prefetch (slacker-lazy-trace).
+const TRACE_PREFETCH_BYTES: u64 = 256 << 20;
 
 /// How the worker reads the clone it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +89,10 @@ pub enum Mode {
     /// `LazyVolume` + FUSE + loop, counting (and optionally throttling) backend reads:
     /// `slacker-lazy`.
     Lazy,
+    /// As [`Mode::Lazy`], on a fresh worker that fetches the image's startup trace (an OCI
+    /// referrer) with the pull and prefetches it while the container starts:
+    /// `slacker-lazy-trace`. The trace is recorded by an untimed deploy in `prepare`.
+    LazyTrace,
     /// As [`Mode::Lazy`], over an NFS backend (the knfsd VM): the real network path, no
     /// emulated link: `slacker-nfs`.
     Nfs,
@@ -98,6 +106,7 @@ impl Mode {
         match self {
             Self::Kernel => "slacker",
             Self::Lazy => "slacker-lazy",
+            Self::LazyTrace => "slacker-lazy-trace",
             Self::Nfs => "slacker-nfs",
             Self::Rbd => "slacker-rbd",
         }
@@ -320,6 +329,14 @@ struct State {
     /// Registry clients for this repetition's push and pull, built in `prepare`.
     push_client: Option<RegistryClient>,
     pull_client: Option<RegistryClient>,
+    /// The run's Merkle verifier (lazy modes), for its stats.
+    verifier: Option<Arc<MerkleVerifier>>,
+    /// slacker-lazy-trace: the trace recorded in `prepare`, pushed by `push`.
+    recorded: Option<StartupTrace>,
+    /// slacker-lazy-trace: the trace `pull` fetched from the registry.
+    trace: Option<StartupTrace>,
+    /// Snapshots pushed by the recording deploy, removed by `clean`.
+    extra_pushed: Vec<SnapshotId>,
 }
 
 /// Slacker's path in one of its two [`Mode`]s.
@@ -361,7 +378,7 @@ impl SlackerPath {
                 let c = Arc::new(Counting::new(storage.backend.clone()));
                 (c.clone() as Arc<dyn Backend>, Some(c), None)
             }
-            Mode::Lazy => {
+            Mode::Lazy | Mode::LazyTrace => {
                 let inner: Arc<dyn Backend> = match link {
                     Some(p) => Arc::new(Throttled::new(storage.backend.clone(), p)),
                     None => storage.backend.clone(),
@@ -373,6 +390,7 @@ impl SlackerPath {
         let store_name = match mode {
             Mode::Kernel => "worker",
             Mode::Lazy => "worker-lazy",
+            Mode::LazyTrace => "worker-trace",
             Mode::Nfs => "worker-nfs",
             Mode::Rbd => "worker-rbd",
         };
@@ -413,8 +431,8 @@ impl SlackerPath {
                 self.mode.name(),
                 self.storage.describe()
             ),
-            Mode::Lazy => format!(
-                "{}: as slacker, but run = get + LazyVolume (default options: 16 KiB read-ahead on a miss, sequential window up to 1 MiB) over Counting({}btrfs) + FUSE disk.img + losetup + mount ext4; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness",
+            Mode::Lazy | Mode::LazyTrace => format!(
+                "{}: as slacker, but run = get + LazyVolume (default options: 16 KiB read-ahead on a miss, sequential window up to 1 MiB) over Counting({}btrfs) + FUSE disk.img + losetup + mount ext4; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness; every fetched block verified against the reference layer's Merkle root{}",
                 self.mode.name(),
                 match self.link {
                     Some(l) => format!(
@@ -423,6 +441,15 @@ impl SlackerPath {
                         l.bandwidth_bytes_per_sec.map_or(0, |b| b * 8 / 1_000_000)
                     ),
                     None => "no emulated link, ".into(),
+                },
+                if self.mode == Mode::LazyTrace {
+                    format!(
+                        "; with a startup trace: prepare records one by an untimed deploy (unthrottled), push attaches it to the pushed manifest as an OCI referrer (fallback tag sha256-<hex>), pull fetches it after the image, run prefetches at most {} MiB of it ({} requests in flight) in the background while mounting and starting, on a cleared cache (a fresh worker)",
+                        TRACE_PREFETCH_BYTES >> 20,
+                        LazyVolumeOptions::default().prefetch_parallelism
+                    )
+                } else {
+                    String::new()
                 }
             ),
             Mode::Nfs => format!(
@@ -446,6 +473,38 @@ impl SlackerPath {
         self.counting
             .as_ref()
             .map_or(0, |c| c.counts().bytes_read())
+    }
+
+    /// slacker-lazy-trace: one untimed deploy of `image` (this path's own push, pull, run
+    /// to readiness and stop) whose read set becomes the startup trace. What it made is
+    /// removed (its pushed snapshot by `clean`) and the worker's cache is cleared, so the
+    /// timed deploy starts on a fresh worker.
+    async fn record_trace(&mut self, image: &BuiltImage) -> Result<StartupTrace> {
+        self.push(image).await?;
+        self.pull(image).await?;
+        self.run(image).await?;
+        let trace = {
+            let st = self.st(image);
+            let v = st
+                .mount
+                .as_ref()
+                .and_then(|m| m.volume())
+                .ok_or_else(|| Error::msg("the recording deploy has no lazy volume"))?;
+            let bs = v.block_size();
+            StartupTrace::new(bs, (v.size() / bs.bytes()) as u32, v.access_trace())
+        };
+        self.stop(image).await?;
+        let st = self.st(image);
+        let (top, pushed) = (st.top.take(), st.pushed.take());
+        st.image_ref = None;
+        if let Some(top) = top {
+            self.worker.remove(&top).await?;
+        }
+        if let Some(p) = pushed {
+            self.st(image).extra_pushed.push(p);
+        }
+        self.cache.clear();
+        Ok(trace)
     }
 
     fn mount_options(&self) -> MountOptions {
@@ -475,6 +534,18 @@ impl BenchPath for SlackerPath {
         let mut parts = Vec::new();
         if let Some(s) = import_secs {
             parts.push(("import (mke2fs -d + write)".to_string(), s));
+        }
+        if self.mode == Mode::LazyTrace {
+            let t = Instant::now();
+            let trace = self.record_trace(image).await?;
+            parts.push((
+                "record a startup trace (untimed deploy)".into(),
+                t.elapsed().as_secs_f64(),
+            ));
+            let st = self.st(image);
+            st.recorded = Some(trace);
+            st.push_client = Some(RegistryClient::new(ClientOptions::plain_http()));
+            st.pull_client = Some(RegistryClient::new(ClientOptions::plain_http()));
         }
         Ok(Step {
             parts,
@@ -512,17 +583,32 @@ impl BenchPath for SlackerPath {
             .await
             .with_context(|| format!("pushing {reference}"))?;
         let snapshot = self.storage.builder.layer(&dev).await?.snapshot;
+        let mut trace_note = None;
+        if let Some(trace) = self.st(image).recorded.take() {
+            let t = client
+                .push_trace(&reference, &trace)
+                .await
+                .with_context(|| format!("attaching the startup trace to {reference}"))?;
+            trace_note = Some(format!(
+                "startup trace ({} B of blocks) attached as {} (fallback tag {})",
+                trace.bytes(),
+                t.manifest_digest,
+                t.fallback_tag
+            ));
+        }
         let st = self.st(image);
         st.image_ref = Some(reference);
         st.pushed = snapshot.clone();
+        let mut notes = vec![format!(
+            "manifest {}; snapshot {}",
+            report.manifest_digest,
+            snapshot.map_or_else(|| "?".into(), |s| s.to_string())
+        )];
+        notes.extend(trace_note);
         Ok(Step {
             network_bytes: report.bytes_uploaded(),
             layer_bytes: Some(report.layer_bytes_uploaded()),
-            notes: vec![format!(
-                "manifest {}; snapshot {}",
-                report.manifest_digest,
-                snapshot.map_or_else(|| "?".into(), |s| s.to_string())
-            )],
+            notes,
             ..Step::default()
         })
     }
@@ -548,15 +634,36 @@ impl BenchPath for SlackerPath {
             .map(|l| format!("{:?} {} B", l.kind, l.blob.size))
             .collect();
         self.st(image).top = Some(report.top_layer.clone());
+        let mut notes = vec![format!(
+            "manifest {} B, config {} B, layers: {}",
+            report.manifest_bytes,
+            report.config_bytes,
+            kinds.join(", ")
+        )];
+        let mut trace_bytes = 0;
+        if self.mode == Mode::LazyTrace {
+            let pulled = client
+                .pull_trace(&reference, &report.manifest_digest)
+                .await
+                .with_context(|| format!("fetching the startup trace of {reference}"))?;
+            match pulled {
+                Some(p) => {
+                    trace_bytes = p.bytes;
+                    notes.push(format!(
+                        "startup trace {} ({} B fetched, {} B of blocks)",
+                        p.manifest_digest,
+                        p.bytes,
+                        p.trace.bytes()
+                    ));
+                    self.st(image).trace = Some(p.trace);
+                }
+                None => notes.push("no startup trace: runs as slacker-lazy".into()),
+            }
+        }
         Ok(Step {
-            network_bytes: report.bytes_downloaded(),
+            network_bytes: report.bytes_downloaded() + trace_bytes,
             layer_bytes: Some(report.layer_bytes_downloaded()),
-            notes: vec![format!(
-                "manifest {} B, config {} B, layers: {}",
-                report.manifest_bytes,
-                report.config_bytes,
-                kinds.join(", ")
-            )],
+            notes,
             ..Step::default()
         })
     }
@@ -599,14 +706,27 @@ impl BenchPath for SlackerPath {
                 })
                 .await
             }
-            Mode::Lazy | Mode::Nfs | Mode::Rbd => {
-                let lazy = LazyVolume::open(
-                    self.data.clone(),
-                    vol,
-                    self.cache.clone(),
-                    LazyVolumeOptions::default(),
-                )
-                .await?;
+            Mode::Lazy | Mode::LazyTrace | Mode::Nfs | Mode::Rbd => {
+                let info = self.worker.layer(&top).await?;
+                let mut options = LazyVolumeOptions::default();
+                if let Some(m) = &info.merkle {
+                    let v = MerkleVerifier::open(
+                        self.data.clone(),
+                        m,
+                        info.size,
+                        slacker_core::BlockSize::DEFAULT,
+                    )
+                    .await?;
+                    let v = Arc::new(v);
+                    self.st(image).verifier = Some(v.clone());
+                    options = options.with_verifier(v);
+                }
+                let lazy =
+                    LazyVolume::open(self.data.clone(), vol, self.cache.clone(), options).await?;
+                if let Some(trace) = self.st(image).trace.take() {
+                    // In the background, while FUSE, loop, mount and the container start.
+                    drop(lazy.prefetch(trace.clipped(TRACE_PREFETCH_BYTES)));
+                }
                 blocking(move || {
                     let t = Instant::now();
                     let m = Mount::lazy(lazy, &opts).context("FUSE + loop mount")?;
@@ -617,9 +737,21 @@ impl BenchPath for SlackerPath {
             }
         };
         let (mount, running, read, t_mount) = started.with_context(|| format!("running {name}"))?;
+        let mut parts_verify: Option<f64> = None;
         let total = t.elapsed().as_secs_f64();
         let fetched = self.fetched_so_far() - before;
         let mut notes = vec![format!("ready: {}", running.answer)];
+        if let Some(v) = self.st(image).verifier.take() {
+            let s = v.stats();
+            notes.push(format!(
+                "verified {} blocks against the Merkle root: {:.2} ms hashing, {} tree blocks fetched ({} B)",
+                s.blocks,
+                s.hash_nanos as f64 / 1e6,
+                s.tree_fetches,
+                s.tree_bytes
+            ));
+            parts_verify = Some(s.hash_nanos as f64 / 1e9);
+        }
         if let Some(v) = mount.volume() {
             let m = v.metrics();
             notes.push(format!(
@@ -641,7 +773,7 @@ impl BenchPath for SlackerPath {
         // what a shared-storage deployment would have fetched.
         let fetched = match self.mode {
             Mode::Kernel => read,
-            Mode::Lazy | Mode::Nfs | Mode::Rbd => fetched,
+            Mode::Lazy | Mode::LazyTrace | Mode::Nfs | Mode::Rbd => fetched,
         };
         Ok(Step {
             network_bytes: fetched,
@@ -654,12 +786,17 @@ impl BenchPath for SlackerPath {
                 (
                     match self.mode {
                         Mode::Kernel => "loop mount".into(),
-                        Mode::Lazy | Mode::Nfs | Mode::Rbd => "FUSE + loop mount".into(),
+                        Mode::Lazy | Mode::LazyTrace | Mode::Nfs | Mode::Rbd => {
+                            "FUSE + loop mount".into()
+                        }
                     },
                     t_mount,
                 ),
                 ("start+ready".into(), total - t_get - t_mount),
-            ],
+            ]
+            .into_iter()
+            .chain(parts_verify.map(|s| ("of which verify (hash, all threads)".to_string(), s)))
+            .collect(),
             notes,
             ..Step::default()
         })
@@ -710,6 +847,7 @@ impl BenchPath for SlackerPath {
             pushed,
             top,
             got,
+            extra_pushed,
             ..
         } = st;
         blocking(move || {
@@ -737,6 +875,12 @@ impl BenchPath for SlackerPath {
             note(
                 ignore_not_found(self.storage.builder.remove(dev).await)
                     .context("removing the developer's layer"),
+            );
+        }
+        for s in &extra_pushed {
+            note(
+                ignore_not_found(self.storage.backend.remove_snapshot(s).await)
+                    .context("removing the recording deploy's snapshot"),
             );
         }
         if let Some(s) = &pushed {

@@ -19,6 +19,8 @@ pub mod error;
 pub mod ids;
 #[cfg(feature = "layers")]
 pub mod layer;
+#[cfg(any(feature = "layers", feature = "worker"))]
+pub mod merkle;
 pub mod persist;
 #[cfg(feature = "worker")]
 pub mod worker;

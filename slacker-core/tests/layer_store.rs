@@ -405,8 +405,8 @@ async fn observe(s: &LayerStore<MemBackend>) -> Model {
         .collect()
 }
 
-/// Invariants that must hold whenever a store is open: recorded snapshots are held by
-/// their layer, recorded volumes exist, and the store owns no stray volume or hold.
+/// Invariants that must hold whenever a store is open: recorded snapshots (and their
+/// Merkle trees) are held by their layer, recorded volumes exist, and the store owns no stray volume or hold.
 async fn check_invariants(s: &LayerStore<MemBackend>, prefix: &str) {
     let b = s.backend();
     let layers = s.list().await;
@@ -416,7 +416,13 @@ async fn check_invariants(s: &LayerStore<MemBackend>, prefix: &str) {
             let st = b.stat_snapshot(snap).await.unwrap();
             let h = s.holder(&l.id).unwrap();
             assert!(st.holds.contains(&h), "{} not held by {h}", snap);
-            want_holds.push((snap.clone(), h));
+            want_holds.push((snap.clone(), h.clone()));
+            // The Merkle tree of a recorded snapshot is held with it.
+            if let Some(m) = &l.merkle {
+                let st = b.stat_snapshot(&m.tree).await.unwrap();
+                assert!(st.holds.contains(&h), "tree {} not held by {h}", m.tree);
+                want_holds.push((m.tree.clone(), h));
+            }
         }
     }
     let mut got_holds = Vec::new();

@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod local;
+pub mod referrers;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -53,6 +53,7 @@ use crate::backend::{Backend, VolumeOptions};
 use crate::block::BlockSize;
 use crate::error::{Error, ErrorKind, ObjectKind, Result};
 use crate::ids::{MAX_VOLUME_ID_LEN, SnapshotId, VolumeId};
+use crate::merkle::{self, MerkleRoot};
 use crate::persist::MetaStore;
 
 pub use reference::Reference;
@@ -147,6 +148,9 @@ pub struct LayerInfo {
     pub snapshot: Option<SnapshotId>,
     /// Its volume, if it has one now (lazy layers get one on first `get`).
     pub volume: Option<VolumeId>,
+    /// The Merkle root of `snapshot` and its tree, when known (from a version 2 reference
+    /// layer, or computed by `diff`): what a worker verifies fetched blocks against.
+    pub merkle: Option<MerkleRoot>,
     /// Logical size in bytes.
     pub size: u64,
     /// Open `get`s without a `put`, in this process.
@@ -188,7 +192,12 @@ enum Pending {
     /// Cloning the snapshot into the layer's volume (first get): rolled back.
     Clone,
     /// Replacing the held snapshot by `new` (diff of a writable layer): rolled back.
-    Diff { new: SnapshotId },
+    Diff {
+        new: SnapshotId,
+        /// The Merkle tree of `new`, held with it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merkle: Option<MerkleRoot>,
+    },
     /// Removing the layer: rolled forward.
     Remove,
 }
@@ -205,6 +214,10 @@ struct Record {
     volume: bool,
     size: u64,
     pending: Option<Pending>,
+    /// The Merkle root of `snapshot` (held like it). Absent in records written before
+    /// Merkle roots existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merkle: Option<MerkleRoot>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -487,6 +500,9 @@ impl<B: Backend> LayerStore<B> {
                 if rec.volume || rec.pending == Some(Pending::Create) {
                     ignore_not_found(self.backend.remove_volume(&vol).await)?;
                 }
+                if let Some(m) = &rec.merkle {
+                    ignore_not_found(self.backend.release_snapshot(&m.tree, &holder).await)?;
+                }
                 if let Some(s) = &rec.snapshot {
                     ignore_not_found(self.backend.release_snapshot(s, &holder).await)?;
                     if rec.pending == Some(Pending::Create) && rec.kind != LayerKind::Lazy {
@@ -507,12 +523,19 @@ impl<B: Backend> LayerStore<B> {
                 r.pending = None;
                 self.write_record(inner, &r).await
             }
-            Some(Pending::Diff { new }) => {
+            Some(Pending::Diff { new, merkle }) => {
                 let mut r = rec;
                 r.pending = None;
                 let old_back = match &r.snapshot {
                     Some(old) => match self.backend.hold_snapshot(old, &holder).await {
-                        Ok(()) => true,
+                        Ok(()) => {
+                            if let Some(m) = &r.merkle {
+                                ignore_not_found(
+                                    self.backend.hold_snapshot(&m.tree, &holder).await,
+                                )?;
+                            }
+                            true
+                        }
                         // The old snapshot was released and removed meanwhile: keep the
                         // new one instead (roll forward).
                         Err(e) if e.kind() == ErrorKind::NotFound => false,
@@ -521,14 +544,22 @@ impl<B: Backend> LayerStore<B> {
                     None => true,
                 };
                 if old_back {
-                    ignore_not_found(self.backend.release_snapshot(&new, &holder).await)?;
-                    match self.backend.remove_snapshot(&new).await {
-                        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InUse) => {}
-                        other => other?,
+                    let minted = std::iter::once(&new).chain(merkle.as_ref().map(|m| &m.tree));
+                    for s in minted {
+                        ignore_not_found(self.backend.release_snapshot(s, &holder).await)?;
+                        match self.backend.remove_snapshot(s).await {
+                            Err(e)
+                                if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InUse) => {}
+                            other => other?,
+                        }
                     }
                 } else {
                     self.backend.hold_snapshot(&new, &holder).await?;
+                    if let Some(m) = &merkle {
+                        self.backend.hold_snapshot(&m.tree, &holder).await?;
+                    }
                     r.snapshot = Some(new);
+                    r.merkle = merkle;
                 }
                 self.write_record(inner, &r).await
             }
@@ -621,6 +652,7 @@ impl<B: Backend> LayerStore<B> {
             volume: true,
             size,
             pending: Some(Pending::Create),
+            merkle: None,
         };
         self.write_record(&mut inner, &rec).await?;
         let made = match &origin {
@@ -727,6 +759,7 @@ impl<B: Backend> LayerStore<B> {
                 .volume
                 .then(|| VolumeId::new(self.key(&r.id)).expect("layer keys are valid")),
             size: r.size,
+            merkle: r.merkle.clone(),
             mounts: inner.mounts.get(&r.id).copied().unwrap_or(0),
         }
     }
@@ -781,23 +814,49 @@ impl<B: Backend> LayerStore<B> {
         if rec.pending.is_some() {
             return Err(Error::not_found(ObjectKind::Layer, id));
         }
-        let snap = match rec.kind {
-            LayerKind::Lazy | LayerKind::Unpacked => rec
-                .snapshot
-                .clone()
-                .ok_or_else(|| Error::Integrity(format!("image layer {id} has no snapshot")))?,
+        let holder = self.key(id);
+        let (stat, merkle) = match rec.kind {
+            LayerKind::Lazy | LayerKind::Unpacked => {
+                let snap = rec
+                    .snapshot
+                    .clone()
+                    .ok_or_else(|| Error::Integrity(format!("image layer {id} has no snapshot")))?;
+                let stat = self.backend.stat_snapshot(&snap).await?;
+                let merkle = match &rec.merkle {
+                    Some(m) => m.clone(),
+                    None => {
+                        // A layer recorded without a root (unpacked, or pulled from a
+                        // version 1 reference): compute it once, hold it, record it.
+                        let m = self.build_merkle(&inner, &stat).await?;
+                        self.backend.hold_snapshot(&m.tree, &holder).await?;
+                        let mut r = rec.clone();
+                        r.merkle = Some(m.clone());
+                        self.write_record(&mut inner, &r).await?;
+                        m
+                    }
+                };
+                (stat, merkle)
+            }
             LayerKind::Writable => {
                 let vol = self.volume_id(id)?;
-                let holder = self.key(id);
                 self.backend.flush(&vol).await?;
                 let new = self.backend.snapshot(&vol).await?;
+                let stat = self.backend.stat_snapshot(&new).await?;
+                let merkle = self.build_merkle(&inner, &stat).await?;
                 let mut r = rec.clone();
-                r.pending = Some(Pending::Diff { new: new.clone() });
+                r.pending = Some(Pending::Diff {
+                    new: new.clone(),
+                    merkle: Some(merkle.clone()),
+                });
                 self.write_record(&mut inner, &r).await?;
                 let step = async {
                     self.backend.hold_snapshot(&new, &holder).await?;
+                    self.backend.hold_snapshot(&merkle.tree, &holder).await?;
                     if let Some(old) = &rec.snapshot {
                         ignore_not_found(self.backend.release_snapshot(old, &holder).await)?;
+                    }
+                    if let Some(old) = &rec.merkle {
+                        ignore_not_found(self.backend.release_snapshot(&old.tree, &holder).await)?;
                     }
                     Ok(())
                 };
@@ -805,15 +864,31 @@ impl<B: Backend> LayerStore<B> {
                     return Err(self.abort(&mut inner, r, e).await);
                 }
                 r.snapshot = Some(new.clone());
+                r.merkle = Some(merkle.clone());
                 r.pending = None;
                 self.write_record(&mut inner, &r).await?;
-                new
+                (stat, merkle)
             }
         };
-        let stat = self.backend.stat_snapshot(&snap).await?;
-        let reference = Reference::from_stat(&stat);
+        let reference = Reference::from_stat(&stat).with_merkle(merkle);
         let tar = reference.encode();
         Ok(LayerDiff { reference, tar })
+    }
+
+    /// The Merkle tree of `stat`: incrementally from the tree of its parent snapshot when a
+    /// layer of this store holds that parent with a known root (O(diverged blocks)),
+    /// else from scratch (O(written) for a snapshot without a parent, O(size) otherwise).
+    async fn build_merkle(&self, inner: &Inner, stat: &crate::SnapshotStat) -> Result<MerkleRoot> {
+        let base = stat.parent.as_ref().and_then(|p| {
+            inner
+                .layers
+                .values()
+                .filter(|r| r.pending.is_none() && r.snapshot.as_ref() == Some(p))
+                .find_map(|r| r.merkle.clone())
+        });
+        // `{name}.-merkle` is no layer's key: layer ids start with a letter or digit.
+        let scratch = VolumeId::new(format!("{}.-merkle", self.options.name))?;
+        merkle::build(&self.backend, stat, base.as_ref(), &scratch).await
     }
 
     /// Pulls layer `id` on top of `parent` from a layer stream.
@@ -882,10 +957,16 @@ impl<B: Backend> LayerStore<B> {
             volume: false,
             size: r.size,
             pending: Some(Pending::Create),
+            merkle: r.merkle.clone(),
         };
         self.write_record(&mut inner, &rec).await?;
         if let Err(e) = self.backend.hold_snapshot(&r.snapshot, &self.key(id)).await {
             return Err(self.abort(&mut inner, rec, e).await);
+        }
+        if let Some(m) = &r.merkle {
+            if let Err(e) = self.backend.hold_snapshot(&m.tree, &self.key(id)).await {
+                return Err(self.abort(&mut inner, rec, e).await);
+            }
         }
         rec.pending = None;
         self.write_record(&mut inner, &rec).await?;
@@ -1008,6 +1089,7 @@ impl<B: Backend> LayerStore<B> {
             volume: true,
             size: built.size,
             pending: Some(Pending::Create),
+            merkle: None,
         };
         self.write_record(&mut inner, &rec).await?;
         let made = async {
@@ -1028,10 +1110,27 @@ impl<B: Backend> LayerStore<B> {
             Ok(s) => s,
             Err(e) => return Err(self.abort(&mut inner, rec, e).await),
         };
+        // The first import hashes the written blocks once (incrementally from the parent's
+        // tree when there is one), so every later push of a clone is O(written).
+        let merkle = async {
+            let stat = self.backend.stat_snapshot(&snap).await?;
+            self.build_merkle(&inner, &stat).await
+        };
+        let merkle = match merkle.await {
+            Ok(m) => m,
+            Err(e) => {
+                rec.snapshot = Some(snap.clone()); // minted here: the rollback removes it
+                return Err(self.abort(&mut inner, rec, e).await);
+            }
+        };
         rec.snapshot = Some(snap.clone());
+        rec.merkle = Some(merkle.clone());
         self.write_record(&mut inner, &rec).await?;
         let finish = async {
             self.backend.hold_snapshot(&snap, &self.key(id)).await?;
+            self.backend
+                .hold_snapshot(&merkle.tree, &self.key(id))
+                .await?;
             self.backend.remove_volume(&vol).await
         };
         if let Err(e) = finish.await {

@@ -17,6 +17,13 @@
 //! | `size` | logical size in bytes (a positive multiple of `block_size`) |
 //! | `block_size` | copy-on-write granularity of the snapshot |
 //! | `digest` | `blake3:<64 hex>`: a **metadata digest** of the snapshot, see below |
+//! | `merkle` | version 2 only: `{"root":"blake3:<64 hex>","tree":"<snapshot id>"}`, the [Merkle root](crate::merkle) of the snapshot's blocks and the snapshot holding its tree |
+//!
+//! **Versions.** Version 1 documents (no `merkle`) still decode: their blocks are served
+//! unverified, as before. Version 2 documents must carry `merkle`, version 1 ones must not;
+//! a worker verifies every block it fetches for a version 2 layer against the root
+//! ([`MerkleVerifier`](crate::merkle::MerkleVerifier)). Both stay strict: unknown fields are
+//! refused.
 //!
 //! **The digest is a metadata digest, not a content digest.** It is blake3 over the
 //! snapshot's stat ([`metadata_digest`]): id, size, block size, parent and diverged
@@ -41,13 +48,17 @@ use crate::backend::SnapshotStat;
 use crate::block::BlockSize;
 use crate::error::{Error, Result};
 use crate::ids::SnapshotId;
+use crate::merkle::MerkleRoot;
 
 /// The OCI layer media type of a reference layer.
 pub const MEDIA_TYPE: &str = "application/vnd.slacker.reference.v1.tar";
 /// The one entry of a reference layer.
 pub const ENTRY_NAME: &str = "slacker/reference.json";
-/// The document version this crate writes and reads.
-pub const VERSION: u32 = 1;
+/// The document version this crate writes when the reference carries a Merkle root.
+pub const VERSION: u32 = 2;
+/// The document version without a Merkle root (still written by [`Reference::from_stat`]
+/// and read).
+pub const VERSION_NO_MERKLE: u32 = 1;
 /// Largest reference layer [`Reference::decode`] accepts, in bytes.
 pub const MAX_LAYER_BYTES: usize = 64 * 1024;
 /// Largest JSON document [`Reference::decode`] accepts, in bytes.
@@ -74,6 +85,9 @@ pub struct Reference {
     pub block_size: BlockSize,
     /// `blake3:<hex>` metadata digest of the snapshot ([`metadata_digest`]).
     pub digest: String,
+    /// The Merkle root of the snapshot's blocks and its tree (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merkle: Option<MerkleRoot>,
 }
 
 /// The metadata digest of a snapshot: blake3 over a domain prefix, the id, size, block
@@ -107,16 +121,25 @@ pub fn metadata_digest(stat: &SnapshotStat) -> blake3::Hash {
 }
 
 impl Reference {
-    /// The reference to a snapshot, from its stat.
+    /// The reference to a snapshot, from its stat (version 1: no Merkle root; see
+    /// [`with_merkle`](Self::with_merkle)).
     pub fn from_stat(stat: &SnapshotStat) -> Self {
         Self {
-            version: VERSION,
+            version: VERSION_NO_MERKLE,
             scheme: stat.id.scheme().to_owned(),
             snapshot: stat.id.clone(),
             size: stat.size,
             block_size: stat.block_size,
             digest: format!("{DIGEST_PREFIX}{}", metadata_digest(stat).to_hex()),
+            merkle: None,
         }
+    }
+
+    /// The same reference carrying a Merkle root (version 2).
+    pub fn with_merkle(mut self, merkle: MerkleRoot) -> Self {
+        self.version = VERSION;
+        self.merkle = Some(merkle);
+        self
     }
 
     /// Checks the document on its own: version, scheme, size, digest syntax.
@@ -124,11 +147,33 @@ impl Reference {
     /// # Errors
     /// `InvalidInput` naming the first problem.
     pub fn validate(&self) -> Result<()> {
-        if self.version != VERSION {
-            return Err(Error::invalid(format!(
-                "reference layer version {} is not supported (only {VERSION})",
-                self.version
-            )));
+        match (self.version, &self.merkle) {
+            (VERSION_NO_MERKLE, None) => {}
+            (VERSION, Some(m)) => {
+                m.hash()?;
+                if m.tree.scheme() != self.snapshot.scheme() {
+                    return Err(Error::invalid(format!(
+                        "reference Merkle tree {} is not on the snapshot's storage ({})",
+                        m.tree, self.scheme
+                    )));
+                }
+            }
+            (VERSION_NO_MERKLE | VERSION, _) => {
+                return Err(Error::invalid(format!(
+                    "reference layer version {} {} a merkle field",
+                    self.version,
+                    if self.merkle.is_some() {
+                        "must not carry"
+                    } else {
+                        "must carry"
+                    }
+                )));
+            }
+            (v, _) => {
+                return Err(Error::invalid(format!(
+                    "reference layer version {v} is not supported (only {VERSION_NO_MERKLE} and {VERSION})"
+                )));
+            }
         }
         if self.scheme != self.snapshot.scheme() {
             return Err(Error::invalid(format!(
@@ -377,17 +422,69 @@ mod tests {
     }
 
     #[test]
+    fn version_2_carries_a_merkle_root_and_version_1_still_decodes() {
+        let m = MerkleRoot::new(blake3::hash(b"root"), "mem:s-8".parse().unwrap());
+        let r = Reference::from_stat(&stat()).with_merkle(m.clone());
+        let tar = r.encode();
+        let back = Reference::decode(&tar).unwrap();
+        assert_eq!(back.version, VERSION);
+        assert_eq!(back.merkle, Some(m));
+        back.verify(&stat()).unwrap();
+        // A document written before Merkle roots existed (a literal, as old pushes wrote it).
+        let old = Reference::from_stat(&stat());
+        let json = format!(
+            r#"{{"version":1,"scheme":"mem","snapshot":"mem:s-7","size":1048576,"block_size":4096,"digest":"{}"}}"#,
+            old.digest
+        );
+        assert_eq!(old.to_json(), json.as_bytes());
+        let decoded = Reference::decode(&old.encode()).unwrap();
+        assert_eq!(decoded.merkle, None);
+        // Unknown fields in the new object are refused (strict).
+        let text = String::from_utf8(r.to_json())
+            .unwrap()
+            .replace(r#""tree":"mem:s-8""#, r#""tree":"mem:s-8","extra":1"#);
+        let err = serde_json::from_str::<Reference>(&text).unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+    }
+
+    #[test]
     fn documents_are_validated() {
         let good = Reference::from_stat(&stat());
         let mut v2 = good.clone();
-        v2.version = 2;
+        v2.version = 2; // version 2 without a merkle field
+        let mut v3 = good.clone();
+        v3.version = 3;
+        let mut v1_with_root = good.clone();
+        v1_with_root.merkle = Some(MerkleRoot::new(
+            blake3::hash(b"x"),
+            "mem:s-8".parse().unwrap(),
+        ));
+        let mut foreign_tree = good.clone().with_merkle(MerkleRoot::new(
+            blake3::hash(b"x"),
+            "btrfs:s-8".parse().unwrap(),
+        ));
+        foreign_tree.version = VERSION;
+        let mut bad_root = good.clone().with_merkle(MerkleRoot::new(
+            blake3::hash(b"x"),
+            "mem:s-8".parse().unwrap(),
+        ));
+        bad_root.merkle.as_mut().unwrap().root = "blake3:XYZ".into();
         let mut scheme = good.clone();
         scheme.scheme = "btrfs".into();
         let mut size = good.clone();
         size.size = 4097;
         let mut digest = good.clone();
         digest.digest = "sha256:00".into();
-        for r in [v2, scheme, size, digest] {
+        for r in [
+            v2,
+            v3,
+            v1_with_root,
+            foreign_tree,
+            bad_root,
+            scheme,
+            size,
+            digest,
+        ] {
             let err = Reference::decode(&r.encode()).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{r:?}");
         }

@@ -19,6 +19,7 @@ use crate::bitmap::BlockBitmap;
 use crate::block::{BlockIndex, BlockRange, BlockSize};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::{SnapshotId, VolumeId};
+use crate::merkle::MerkleVerifier;
 
 /// How a [`LazyVolume`] reads.
 #[derive(Clone, Debug)]
@@ -42,6 +43,10 @@ pub struct LazyVolumeOptions {
     pub prefetch_parallelism: usize,
     /// Where to count; `None`: a recorder of this volume's own.
     pub metrics: Option<Arc<MetricsRecorder>>,
+    /// Verifies every block fetched for the clean path (from the origin snapshot, or from
+    /// the volume when the origin is gone) against the origin's Merkle root before it is
+    /// served or cached; `None`: blocks are served unverified (a layer without a root).
+    pub verifier: Option<Arc<MerkleVerifier>>,
 }
 
 impl Default for LazyVolumeOptions {
@@ -52,6 +57,7 @@ impl Default for LazyVolumeOptions {
             max_request_bytes: 4 << 20,
             prefetch_parallelism: 4,
             metrics: None,
+            verifier: None,
         }
     }
 }
@@ -79,6 +85,15 @@ impl LazyVolumeOptions {
     /// Sets [`prefetch_parallelism`](Self::prefetch_parallelism) (at least 1).
     pub fn with_prefetch_parallelism(mut self, n: usize) -> Self {
         self.prefetch_parallelism = n.max(1);
+        self
+    }
+
+    /// Verifies fetched clean blocks with `verifier` (built from the origin snapshot's
+    /// [`MerkleRoot`](crate::merkle::MerkleRoot)): a block that does not match fails the
+    /// read with `ErrorKind::Integrity` and is not cached. Share one verifier between the
+    /// clones of an image.
+    pub fn with_verifier(mut self, verifier: Arc<MerkleVerifier>) -> Self {
+        self.verifier = Some(verifier);
         self
     }
 
@@ -154,6 +169,10 @@ const INITIAL_STREAM_WINDOW: u32 = 8;
 ///   reader runs at the link's bandwidth; [`prefetch`](Self::prefetch) fetches a recorded
 ///   trace in the background. Without an origin, clean blocks are zeros and cost no
 ///   fetch.
+/// - **Verified** (with [`LazyVolumeOptions::with_verifier`]): every clean block fetched
+///   is checked against the origin's Merkle root (the tree blocks that prove it are
+///   fetched alongside, see [`crate::merkle`]) before it is served or cached; a mismatch
+///   fails the read with `ErrorKind::Integrity` and nothing is cached.
 /// - **Diverged blocks** are never served from the shared cache: they are read from the
 ///   volume with `read_at` (adjacent ones in one request).
 /// - **Writes** go to the backend volume with `write_at`; the blocks join the local
@@ -616,7 +635,17 @@ impl LazyVolume {
         let range = BlockRange::new(first, first + run.len() as u32);
         let (off, len) = (u64::from(first) * bs, (range.len() * bs) as usize);
         let t = Instant::now();
-        let data = match self.inner.backend.read_snapshot_at(snap, off, len).await {
+        // The tree blocks that verify this run are fetched alongside the data.
+        let verifier = self.inner.options.verifier.as_deref();
+        let (fetched, prepared) =
+            join2(self.inner.backend.read_snapshot_at(snap, off, len), async {
+                match verifier {
+                    Some(v) => v.prepare(range).await,
+                    None => Ok(()),
+                }
+            })
+            .await;
+        let data = match fetched {
             Ok(d) => d,
             // The origin snapshot was removed (clones stay readable): by the bitmap
             // invariant the volume's own clean blocks equal it, but only for this volume
@@ -632,6 +661,12 @@ impl LazyVolume {
                 };
                 let data = self.inner.backend.read_at(id, off, len).await?;
                 self.check_len(&data, range)?;
+                if let Some(v) = verifier {
+                    // Clean blocks equal the snapshot's (the bitmap invariant), so they
+                    // verify against its tree like any fetched block.
+                    prepared?;
+                    v.verify(first, &data).await?;
+                }
                 self.inner.metrics.fetch(
                     FetchKind::Volume,
                     data.len() as u64,
@@ -643,6 +678,12 @@ impl LazyVolume {
             Err(e) => return Err(e),
         };
         self.check_len(&data, range)?;
+        if let Some(v) = verifier {
+            // Not served, not cached unless it matches the root (the claims are dropped on
+            // error: waiters retry and fail the same way).
+            prepared?;
+            v.verify(first, &data).await?;
+        }
         self.inner.metrics.fetch(
             FetchKind::Snapshot,
             data.len() as u64,
@@ -799,6 +840,31 @@ fn assemble(mut pieces: Pieces, want: BlockRange, bs: u64, offset: u64, len: usi
         }
     }
     out.freeze()
+}
+
+/// Polls both futures until both finish (core has no futures crate).
+async fn join2<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (Box::pin(a), Box::pin(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let std::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let std::task::Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    (ra.expect("ready"), rb.expect("ready"))
 }
 
 /// Splits `run` into pieces of at most `max` blocks.

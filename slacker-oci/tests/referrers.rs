@@ -1,0 +1,111 @@
+//! Startup traces attached to images as OCI referrers, against a real registry
+//! (Debian's distribution 2.8, which lacks the referrers API: the fallback tag is what
+//! makes them findable).
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use slacker_backend_mem::MemBackend;
+use slacker_core::persist::{DirStore, MetaStore};
+use slacker_core::{Backend, BlockRange, BlockSize, ErrorKind, LayerStore, LayerStoreOptions};
+use slacker_oci::referrers::{StartupTrace, TRACE_ARTIFACT_TYPE, fallback_tag};
+use slacker_oci::{ClientOptions, PushOptions, RegistryClient};
+use support::*;
+
+async fn store(b: &MemBackend, dir: &Path, name: &str) -> LayerStore<MemBackend> {
+    let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(dir).unwrap());
+    let opts = LayerStoreOptions::new(name).with_volume_size(4 << 20);
+    LayerStore::open(b.reopen(), meta, opts).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_is_attached_found_and_leaves_the_image_unchanged() {
+    let Some(addr) = registry() else { return };
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&b, d.path(), "push").await;
+    let v = s.create("img", None).await.unwrap();
+    b.write_at(&v, 0, &content(64 << 10, 1)).await.unwrap();
+    let image = image(&addr, "referrers", "v1");
+    let c = RegistryClient::new(ClientOptions::plain_http());
+    c.push_image(&s, "img", &image, &PushOptions::default())
+        .await
+        .unwrap();
+    let before = c.pull_manifest(&image, "reference").await.unwrap();
+
+    // No trace yet: None, as for any image pushed before traces existed.
+    assert_eq!(c.pull_trace(&image, &before.digest).await.unwrap(), None);
+
+    let t1 = StartupTrace::new(
+        BlockSize::DEFAULT,
+        1024,
+        [BlockRange::new(0, 16), BlockRange::new(100, 140)],
+    );
+    let pushed = c.push_trace(&image, &t1).await.unwrap();
+    assert_eq!(pushed.subject_digest, before.digest);
+    assert_eq!(pushed.fallback_tag, fallback_tag(&before.digest));
+    assert!(pushed.fallback_tag.starts_with("sha256-"));
+
+    // The image is untouched: same manifest digest, same layers.
+    let after = c.pull_manifest(&image, "reference").await.unwrap();
+    assert_eq!(after.digest, before.digest);
+    assert_eq!(
+        format!("{:?}", after.layers),
+        format!("{:?}", before.layers)
+    );
+
+    let got = c.pull_trace(&image, &before.digest).await.unwrap().unwrap();
+    assert_eq!(got.trace, t1);
+    assert_eq!(got.manifest_digest, pushed.manifest_digest);
+
+    // The fallback tag is an image index listing the artifact with its artifactType.
+    let idx = c
+        .inner()
+        .pull_referrers(
+            &format!("{}@{}", image.rsplit_once(':').unwrap().0, before.digest)
+                .parse()
+                .unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(idx.manifests.len(), 1);
+    assert_eq!(
+        idx.manifests[0].artifact_type.as_deref(),
+        Some(TRACE_ARTIFACT_TYPE)
+    );
+
+    // A newer trace wins; the index keeps both.
+    let t2 = StartupTrace::new(BlockSize::DEFAULT, 1024, [BlockRange::new(7, 9)]);
+    c.push_trace(&image, &t2).await.unwrap();
+    let got = c.pull_trace(&image, &before.digest).await.unwrap().unwrap();
+    assert_eq!(got.trace, t2);
+    // Pushing the same trace again adds no duplicate entry.
+    c.push_trace(&image, &t2).await.unwrap();
+    let got2 = c.pull_trace(&image, &before.digest).await.unwrap().unwrap();
+    assert_eq!(got2.manifest_digest, got.manifest_digest);
+
+    // Another image's digest has no trace.
+    let other = image_with_other_content(&c, &s, &b, &addr).await;
+    assert_eq!(c.pull_trace(&image, &other).await.unwrap(), None);
+    // A malformed subject digest is a typed error, not a panic.
+    let err = c.pull_trace(&image, "sha256:zz").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
+async fn image_with_other_content(
+    c: &RegistryClient,
+    s: &LayerStore<MemBackend>,
+    b: &MemBackend,
+    addr: &str,
+) -> String {
+    let v = s.create("other", None).await.unwrap();
+    b.write_at(&v, 0, b"other").await.unwrap();
+    let image = image(addr, "referrers", "other");
+    c.push_image(s, "other", &image, &PushOptions::default())
+        .await
+        .unwrap();
+    c.pull_manifest(&image, "reference").await.unwrap().digest
+}
