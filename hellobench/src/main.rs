@@ -22,7 +22,7 @@ use slacker_hellobench::{dedup, nfs, progress, rbd, sys};
 mod setup;
 
 /// Every path, in measuring order.
-const ALL_PATHS: [&str; 5] = [
+const ALL_PATHS: [&str; 6] = [
     "baseline",
     "slacker",
     "slacker-lazy",
