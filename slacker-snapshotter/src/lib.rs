@@ -43,9 +43,11 @@
 
 pub mod apply;
 pub mod config;
+pub mod datapath;
 pub mod filter;
 pub mod host;
 pub mod metrics;
+pub mod remote;
 pub mod service;
 
 use std::path::Path;
