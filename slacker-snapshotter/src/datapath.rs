@@ -211,11 +211,26 @@ impl DataPath {
                 if n == 0 {
                     break;
                 }
-                for (i, block) in buf[..n].chunks(4096).enumerate() {
-                    if block.iter().any(|&b| b != 0) {
-                        let at = off + (i as u64) * 4096;
-                        self.backend.write_at(vol, at, block).await.map_err(other)?;
+                // One write per run of non-zero blocks.
+                let blocks: Vec<bool> = buf[..n]
+                    .chunks(4096)
+                    .map(|b| b.iter().any(|&x| x != 0))
+                    .collect();
+                let mut i = 0;
+                while i < blocks.len() {
+                    if !blocks[i] {
+                        i += 1;
+                        continue;
                     }
+                    let start = i;
+                    while i < blocks.len() && blocks[i] {
+                        i += 1;
+                    }
+                    let end = (i * 4096).min(n);
+                    self.backend
+                        .write_at(vol, off + (start as u64) * 4096, &buf[start * 4096..end])
+                        .await
+                        .map_err(other)?;
                 }
                 off += n as u64;
             }

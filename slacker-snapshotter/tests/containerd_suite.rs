@@ -27,7 +27,7 @@ fn run_suite(dir: &std::path::Path, backend: &str) {
             "-test.root",
             "-test.v",
             "-test.timeout",
-            "15m",
+            "40m",
         ])
         .env("SUITE_SOCKET", &snap.socket)
         .env("TMPDIR", dir)
