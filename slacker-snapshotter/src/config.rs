@@ -229,6 +229,7 @@ mod tests {
         let c = Config::from_toml(text).unwrap();
         assert_eq!(c.volume_bytes, 8 << 30);
         assert_eq!(c.backend.kind(), "btrfs");
+        assert_eq!(c.registry.plain_http, ["127.0.0.1:5000"]);
     }
 
     #[test]
