@@ -545,12 +545,12 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
     drop(snap);
 }
 
-/// The standard image of (a) on the NFS backend: every volume is served by the
-/// snapshotter through FUSE (a LazyVolume), containerd loop-mounts it, runc runs in it.
-/// The container's tree equals the image's, and the data path's metrics are real: the
-/// container's reads fetched bytes from the storage.
+/// (a) and (b) on the NFS backend: every volume is served by the snapshotter through
+/// FUSE (a LazyVolume), containerd loop-mounts it, runc runs in it. The containers' trees
+/// equal the images'; the slacker image's pull moves <= 4 KiB of layer data and makes no
+/// clone; the data path's metrics are real (the containers' reads fetched bytes).
 #[test]
-fn ctr_pulls_and_runs_a_standard_image_on_nfs() {
+fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
     if let Some(why) = missing(&[
         "containerd",
         "ctr",
@@ -624,15 +624,67 @@ fn ctr_pulls_and_runs_a_standard_image_on_nfs() {
     let ctrd = Containerd::start(&dir, &snap.socket);
     let got = ctrd.pull_and_run(&standard);
     assert_same(&want, &got, "standard image on NFS");
-    let fetched = metric(
-        "127.0.0.1:19141",
-        "slacker_snapshotter_lazy_fetched_bytes_total",
-    );
+    let m = "127.0.0.1:19141";
+    let fetched = metric(m, "slacker_snapshotter_lazy_fetched_bytes_total");
     assert!(
         fetched > 0,
         "the containers read through the lazy data path"
     );
-    eprintln!("NFS: {fetched} bytes fetched lazily");
+    eprintln!("NFS, standard image: {fetched} bytes fetched lazily");
+
+    // A slacker image whose storage is the same NFS directory (shared storage: a
+    // builder's layer store there, the snapshotter on it): the pull moves the 2 KiB
+    // reference layer, makes no clone, and the container runs lazily through FUSE.
+    let slacker_image = format!("{}/slk/slacker-nfs:1", registry.addr());
+    let pushed = rt.block_on(async {
+        let backend = slacker_config::BackendConfig::nfs(addr.clone(), nfs_dir.clone())
+            .open()
+            .await
+            .unwrap();
+        let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(dir.join("builder")).unwrap());
+        let store = LayerStore::open(
+            backend,
+            meta,
+            LayerStoreOptions::new("builder").with_volume_size(128 << 20),
+        )
+        .await
+        .unwrap();
+        store.import_dir("busybox", &lower).await.unwrap();
+        let diff = store.diff("busybox").await.unwrap();
+        client
+            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())])
+            .await
+            .expect("push the slacker image")
+            .layer_bytes_uploaded()
+    });
+    assert!(pushed <= 4096, "reference layer of {pushed} bytes");
+    let clones_before = metric(m, "slacker_snapshotter_clones_total");
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        &slacker_image,
+    ])
+    .expect("pull the slacker image");
+    assert_eq!(
+        metric(m, "slacker_snapshotter_clones_total"),
+        clones_before,
+        "no clone on pull"
+    );
+    assert_eq!(metric(m, "slacker_snapshotter_lazy_commits_total"), 1);
+    let got_b = ctrd.pull_and_run(&slacker_image);
+    assert_same(
+        &walk(&lower, &[]),
+        &got_b
+            .into_iter()
+            .filter(|(p, _)| p != Path::new("lost+found"))
+            .collect(),
+        "slacker image on NFS",
+    );
+    let fetched_b = metric(m, "slacker_snapshotter_lazy_fetched_bytes_total") - fetched;
+    eprintln!("NFS, slacker image: {fetched_b} bytes fetched lazily (volume of 128 MiB)");
     drop(ctrd);
     drop(snap);
     unmount_under(&dir);
