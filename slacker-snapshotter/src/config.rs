@@ -36,14 +36,18 @@ Configuration file keys (TOML; unknown keys are refused):
   [backend]        where volumes live (the table every slacker program shares):
     kind = \"btrfs\", path = DIR        a directory on a btrfs (volumes are local files)
     kind = \"nfs\", server = HOST:PORT, dir = NAME
-                                       NFSv4.2 storage shared by many hosts. Not served
-                                       yet: volumes have no local file, and the FUSE data
-                                       path is still to come, so Prepare answers
-                                       Unimplemented
+                                       NFSv4.2 storage shared by many hosts; every active
+                                       volume is served by this process through FUSE
+                                       (a LazyVolume: blocks fetched on first read)
     kind = \"mem\"                      in-process (tests only; nothing survives)
   [cache]
     bytes          capacity of the block cache shared by lazily served volumes
-                   (default 256 MiB; used once volumes are served through FUSE)
+                   (default 256 MiB; volumes of backends without local files)
+  [registry]       where reference layers are fetched from when containerd's CRI sends
+                   the remote-snapshot labels (containerd.io/snapshot.ref,
+                   containerd.io/snapshot/cri.layer-digest, .../cri.image-ref)
+    plain_http     list of registry hosts (host:port) spoken to over plain HTTP
+                   (default none: HTTPS everywhere)
 ";
 
 /// The whole configuration.
@@ -69,6 +73,20 @@ pub struct Config {
     /// The block cache of the lazy data path.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Registries the snapshotter fetches reference layers from (remote snapshots).
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// The `[registry]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RegistryConfig {
+    /// Registry hosts (`host:port`, as in image references) spoken to over plain HTTP;
+    /// every other registry over HTTPS.
+    #[serde(default)]
+    pub plain_http: Vec<String>,
 }
 
 /// The `[cache]` table.
@@ -211,6 +229,7 @@ mod tests {
         let c = Config::from_toml(text).unwrap();
         assert_eq!(c.volume_bytes, 8 << 30);
         assert_eq!(c.backend.kind(), "btrfs");
+        assert_eq!(c.registry.plain_http, ["127.0.0.1:5000"]);
     }
 
     #[test]

@@ -91,6 +91,23 @@ pub fn mount_points_of(devices: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
+/// Whether something is mounted at `dir` (in this process's mount namespace). Works on a
+/// dead FUSE mount too (it compares the canonical parent plus the name).
+pub fn is_mount_point(dir: &Path) -> bool {
+    let want = match (dir.parent(), dir.file_name()) {
+        (Some(p), Some(n)) => fs::canonicalize(p)
+            .map(|p| p.join(n))
+            .unwrap_or_else(|_| dir.to_owned()),
+        _ => dir.to_owned(),
+    };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(&unescape_mountinfo(m)) == want)
+}
+
 /// Makes every filesystem mounted from `file` (through a loop device) consistent on
 /// disk: `fsfreeze -f` flushes data and the journal and leaves it clean, `-u` thaws.
 /// A snapshot taken afterwards mounts without journal recovery, read-only too.

@@ -28,12 +28,27 @@
 //! reference document and records the storage snapshot it names: no copy, no clone. The
 //! storage must be the one the image was pushed from (shared, for NFS).
 //!
+//! **NFS (backends without a local file).** Every active or view volume is opened as a
+//! [`LazyVolume`](slacker_core::worker::LazyVolume) over one shared block cache and served
+//! by this process through FUSE as `<root>/fuse/<volume>/disk.img` (see [`datapath`]):
+//! containerd loop-mounts that file, blocks are fetched from the storage on first read,
+//! and `/metrics` counts the bytes fetched and the cache hits.
+//!
+//! **Remote snapshots (CRI, nerdctl).** A layer's `Prepare` carrying
+//! `containerd.io/snapshot.ref`, `containerd.io/snapshot/cri.layer-digest` and
+//! `containerd.io/snapshot/cri.image-ref` makes the snapshotter fetch the layer itself
+//! ([`remote`]); a reference layer becomes the committed snapshot and the answer is
+//! `AlreadyExists`, so containerd skips the download. `[registry] plain_http` lists
+//! plain-HTTP registries.
+//!
 //! **Restarts.** Metadata is durable (see [`service`]); a restarted process serves every
 //! snapshot again, and containerd's client reconnects after a short backoff (calls in
 //! between fail with `Unavailable`). On btrfs, containers keep running through a restart:
-//! their root filesystems are kernel loop mounts of volume files. Backends without a local
-//! file (NFS) are not served yet: their volumes need the FUSE data path inside this
-//! process, which a restart would interrupt; Prepare on them answers `Unimplemented`.
+//! their root filesystems are kernel loop mounts of volume files. On NFS, the restarted
+//! process serves every active volume again at the same path, so `Mounts` and new mounts
+//! work and every synced write is there; but a loop device made before the restart holds
+//! the dead FUSE connection's file (the kernel cannot hand it to a new daemon), so a
+//! container running across a kill -9 sees IO errors until it is restarted.
 //! The semantics are in [`service`]; the configuration file in [`config`] (an example:
 //! `slacker-snapshotter/examples/config.toml`, a systemd unit:
 //! `slacker-snapshotter/slacker-snapshotter.service`).
@@ -43,9 +58,11 @@
 
 pub mod apply;
 pub mod config;
+pub mod datapath;
 pub mod filter;
 pub mod host;
 pub mod metrics;
+pub mod remote;
 pub mod service;
 
 use std::path::Path;

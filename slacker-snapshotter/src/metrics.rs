@@ -10,6 +10,7 @@ use crate::SlackerSnapshotter;
 /// The metrics in Prometheus text exposition format.
 pub async fn render(s: &SlackerSnapshotter) -> String {
     let c = s.counters();
+    let d = s.data_metrics();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
         out.push_str(&format!(
@@ -41,16 +42,22 @@ pub async fn render(s: &SlackerSnapshotter) -> String {
         c.layers_merged.load(Ordering::Relaxed),
     );
     metric(
+        "slacker_snapshotter_remote_snapshots_total",
+        "counter",
+        "Layers fetched by the snapshotter from CRI's remote-snapshot labels.",
+        c.remote_snapshots.load(Ordering::Relaxed),
+    );
+    metric(
         "slacker_snapshotter_lazy_fetched_bytes_total",
         "counter",
         "Bytes fetched lazily from the storage by served volumes.",
-        c.bytes_fetched.load(Ordering::Relaxed),
+        d.fetched_bytes,
     );
     metric(
         "slacker_snapshotter_cache_hits_total",
         "counter",
         "Block-cache hits of served volumes.",
-        c.cache_hits.load(Ordering::Relaxed),
+        d.cache_hits,
     );
     out
 }

@@ -37,7 +37,9 @@ use slacker_core::{Backend, Error, ErrorKind, SnapshotId, VolumeId, VolumeOption
 use tokio::sync::Mutex;
 
 use crate::config::Config;
+use crate::datapath::DataPath;
 use crate::filter::Filters;
+use crate::remote::{Remote, RemoteError};
 use crate::{apply, host};
 
 /// Label containerd's unpacker puts on a layer's `Prepare`: the chain id it will
@@ -101,10 +103,9 @@ pub struct Counters {
     pub lazy_commits: AtomicU64,
     /// Standard layers merged into a volume.
     pub layers_merged: AtomicU64,
-    /// Bytes fetched lazily from the storage by served volumes.
-    pub bytes_fetched: AtomicU64,
-    /// Block-cache hits of served volumes.
-    pub cache_hits: AtomicU64,
+    /// Layers prepared from CRI's remote-snapshot labels (fetched by the snapshotter;
+    /// containerd skipped the download).
+    pub remote_snapshots: AtomicU64,
 }
 
 /// A containerd snapshotter on a slacker [`Backend`] (see the [module docs](self)).
@@ -122,6 +123,8 @@ struct Inner {
     counters: Counters,
     staging: PathBuf,
     mnt: PathBuf,
+    data: DataPath,
+    remote: Remote,
 }
 
 fn now_ns() -> u64 {
@@ -207,6 +210,12 @@ impl SlackerSnapshotter {
         std::fs::create_dir_all(&staging).map_err(|e| cfg_err("staging", e))?;
         std::fs::create_dir_all(&mnt).map_err(|e| cfg_err("mnt", e))?;
         let meta: Arc<dyn MetaStore> = Arc::new(meta);
+        let config_plain_http = config.registry.plain_http.clone();
+        let data = DataPath::new(
+            Arc::clone(&backend),
+            config.root.join("fuse"),
+            config.cache.bytes,
+        );
         let mut state = State::default();
         for name in meta.list().map_err(|e| cfg_err("meta", e))? {
             let data = meta
@@ -233,11 +242,16 @@ impl SlackerSnapshotter {
                 counters: Counters::default(),
                 staging,
                 mnt,
+                data,
+                remote: Remote::new(config_plain_http),
             }),
         };
         s.collect_garbage()
             .await
             .map_err(|st| Error::backend("snapshotter", st.message().to_owned()))?;
+        // Without local files: serve every active volume again, at the path it had.
+        let vols = s.owned_volumes().await;
+        s.inner.data.reserve(&vols).await;
         Ok(s)
     }
 
@@ -302,9 +316,7 @@ impl SlackerSnapshotter {
         let prefix = self.prefix();
         for v in self.inner.backend.list_volumes().await.map_err(status)? {
             if v.as_str().starts_with(&prefix) && !named.contains(&v.as_str()) {
-                if let Ok(file) = self.inner.backend.local_path(&v).await
-                    && !host::loop_devices_of(&file).is_empty()
-                {
+                if self.inner.data.in_use(&v).await {
                     continue; // still mounted somewhere: leave it
                 }
                 self.inner.backend.remove_volume(&v).await.map_err(status)?;
@@ -340,11 +352,11 @@ impl SlackerSnapshotter {
         b.create_volume(&vol, &VolumeOptions::new(self.inner.config.volume_bytes))
             .await
             .map_err(status)?;
-        let file = b.local_path(&vol).await.map_err(status)?;
-        blocking("making the empty ext4", move || {
-            host::make_empty_ext4(&file)
-        })
-        .await?;
+        self.inner
+            .data
+            .make_empty_ext4(&vol, &self.inner.config.root)
+            .await
+            .map_err(io_status("making the empty ext4"))?;
         let sid = b.snapshot(&vol).await.map_err(status)?;
         let doc = serde_json::to_vec(&BaseDoc {
             snapshot: sid.to_string(),
@@ -360,7 +372,29 @@ impl SlackerSnapshotter {
     }
 
     async fn volume_file(&self, vol: &VolumeId) -> Result<PathBuf, Status> {
-        self.inner.backend.local_path(vol).await.map_err(status)
+        self.inner
+            .data
+            .file(vol)
+            .await
+            .map_err(io_status("serving the volume"))
+    }
+
+    /// Stops serving `vol` and removes it; a volume something still mounts stays (the
+    /// next `Cleanup` or start removes it once it is free).
+    async fn drop_volume(&self, vol: &VolumeId) {
+        match self.inner.data.release(vol).await {
+            Ok(true) => {
+                let _ = self.inner.backend.remove_volume(vol).await;
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!("slacker-snapshotter: releasing {vol}: {e}"),
+        }
+    }
+
+    /// What the lazily served volumes fetched from the storage and found in the block
+    /// cache (all zero on a backend with local files).
+    pub fn data_metrics(&self) -> slacker_core::worker::Metrics {
+        self.inner.data.metrics()
     }
 
     fn staging_dir(&self, id: u64) -> PathBuf {
@@ -425,6 +459,38 @@ impl SlackerSnapshotter {
         if key.is_empty() {
             return Err(Status::invalid_argument("empty snapshot key"));
         }
+        if kind == Kind::Active
+            && let (Some(target), Some(digest), Some(image)) = (
+                labels.get(LABEL_SNAPSHOT_REF),
+                labels.get(LABEL_CRI_LAYER_DIGEST),
+                labels.get(LABEL_CRI_IMAGE_REF),
+            )
+        {
+            if self.inner.state.lock().await.by_key.contains_key(target) {
+                return Err(Status::already_exists(format!(
+                    "target snapshot {target:?} exists"
+                )));
+            }
+            match self.inner.remote.fetch_reference(image, digest).await {
+                Ok(Some(reference)) => {
+                    return self
+                        .commit_remote(target.clone(), parent, labels.clone(), reference)
+                        .await;
+                }
+                // Not a reference layer: containerd downloads and unpacks it.
+                Ok(None) => {}
+                Err(RemoteError::BadReference(m)) => {
+                    return Err(Status::invalid_argument(format!(
+                        "layer {digest} of {image}: reference layer: {m}"
+                    )));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "slacker-snapshotter: layer {digest} of {image}: {e}; containerd downloads it"
+                    );
+                }
+            }
+        }
         let mut st = self.inner.state.lock().await;
         if st.by_key.contains_key(&key) {
             return Err(Status::already_exists(format!("snapshot {key:?} exists")));
@@ -483,6 +549,63 @@ impl SlackerSnapshotter {
         let mounts = self.mounts_of(&r).await;
         st.by_key.insert(key, r);
         mounts
+    }
+
+    /// Records `reference` as the committed snapshot `name` on `parent` (a remote
+    /// snapshot: no data, no clone) and answers `AlreadyExists`, which tells containerd
+    /// the layer is there and its download is skipped.
+    async fn commit_remote(
+        &self,
+        name: String,
+        parent: String,
+        labels: HashMap<String, String>,
+        reference: Reference,
+    ) -> Result<Vec<Mount>, Status> {
+        let mut st = self.inner.state.lock().await;
+        if st.by_key.contains_key(&name) {
+            return Err(Status::already_exists(format!("snapshot {name:?} exists")));
+        }
+        self.origin_of(&st, &parent)?;
+        let b = &self.inner.backend;
+        let stat = b.stat_snapshot(&reference.snapshot).await.map_err(status)?;
+        reference.verify(&stat).map_err(status)?;
+        let id = st.next_id;
+        st.next_id += 1;
+        b.hold_snapshot(&reference.snapshot, &self.holder(id))
+            .await
+            .map_err(status)?;
+        let now = now_ns();
+        let r = Record {
+            id,
+            key: name.clone(),
+            kind: Kind::Committed,
+            parent: (!parent.is_empty()).then_some(parent),
+            labels: labels.into_iter().collect(),
+            created_ns: now,
+            updated_ns: now,
+            volume: None,
+            snapshot: Some(reference.snapshot.to_string()),
+            lazy: true,
+            staging: false,
+        };
+        if let Err(e) = self.persist(&r) {
+            let _ = b
+                .release_snapshot(&reference.snapshot, &self.holder(id))
+                .await;
+            return Err(e);
+        }
+        st.by_key.insert(name.clone(), r);
+        self.inner
+            .counters
+            .lazy_commits
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .remote_snapshots
+            .fetch_add(1, Ordering::Relaxed);
+        Err(Status::already_exists(format!(
+            "target snapshot {name:?}: fetched as a remote snapshot"
+        )))
     }
 
     async fn commit_inner(
@@ -560,7 +683,7 @@ impl SlackerSnapshotter {
                     b.snapshot(&vol).await.map_err(status)
                 }
                 .await;
-                let _ = b.remove_volume(&vol).await;
+                self.drop_volume(&vol).await;
                 c.snapshot = Some(merged?.to_string());
                 self.inner
                     .counters
@@ -587,8 +710,9 @@ impl SlackerSnapshotter {
             let _ = std::fs::remove_dir_all(self.staging_dir(r.id));
         }
         if let Some(vol) = drop_volume {
-            // A volume still loop-mounted stays readable through its open file.
-            let _ = self.inner.backend.remove_volume(&vol).await;
+            // btrfs: a volume still loop-mounted stays readable through its open file;
+            // FUSE: it stays served until nothing holds it.
+            self.drop_volume(&vol).await;
         }
         Ok(())
     }
@@ -635,8 +759,7 @@ impl SlackerSnapshotter {
             let _ = std::fs::remove_dir_all(self.staging_dir(r.id));
         }
         if let Some(v) = &r.volume {
-            let _ = b
-                .remove_volume(&VolumeId::new(v.as_str()).map_err(status)?)
+            self.drop_volume(&VolumeId::new(v.as_str()).map_err(status)?)
                 .await;
         }
         if let Some(sid) = owned_snapshot {

@@ -27,7 +27,7 @@ fn run_suite(dir: &std::path::Path, backend: &str) {
             "-test.root",
             "-test.v",
             "-test.timeout",
-            "15m",
+            "40m",
         ])
         .env("SUITE_SOCKET", &snap.socket)
         .env("TMPDIR", dir)
@@ -78,5 +78,42 @@ fn containerd_suite_on_btrfs() {
     run_suite(
         &dir,
         &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+    );
+}
+
+/// The same suite on the NFS backend (`SLACKER_NFS_ADDR`, the project's knfsd VM): every
+/// volume is served through FUSE by the snapshotter, ext4 on a loop device over it.
+#[test]
+fn containerd_suite_on_nfs() {
+    if let Some(why) = missing(&["mkfs.ext4", "debugfs", "fsfreeze", "losetup"]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        skip_or_fail::<()>("/dev/fuse is missing");
+        return;
+    }
+    let Some(addr) = std::env::var("SLACKER_NFS_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+    else {
+        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("slk-snap-nfs-")
+        .tempdir()
+        .unwrap();
+    let nfs_dir = format!(
+        "snapsuite-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    run_suite(
+        dir.path(),
+        &format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
     );
 }

@@ -23,7 +23,13 @@ use support::*;
 
 /// The containerd namespace: per test process, so runc state never collides.
 fn ns() -> String {
-    format!("slk{}", std::process::id())
+    // Per test thread too: tests of this binary run in parallel, each with its own
+    // containerd, but runc's state directory is per namespace.
+    let t: String = format!("{:?}", std::thread::current().id())
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    format!("slk{}t{t}", std::process::id())
 }
 
 struct Containerd {
@@ -537,4 +543,150 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
     drop(ctrd);
     drop(snap2);
     drop(snap);
+}
+
+/// (a) and (b) on the NFS backend: every volume is served by the snapshotter through
+/// FUSE (a LazyVolume), containerd loop-mounts it, runc runs in it. The containers' trees
+/// equal the images'; the slacker image's pull moves <= 4 KiB of layer data and makes no
+/// clone; the data path's metrics are real (the containers' reads fetched bytes).
+#[test]
+fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
+    if let Some(why) = missing(&[
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "mkfs.ext4",
+        "debugfs",
+        "fsfreeze",
+        "curl",
+    ]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let Some(addr) = std::env::var("SLACKER_NFS_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+    else {
+        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+        return;
+    };
+    let registry = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail::<()>(format!("no registry: {e}"));
+            return;
+        }
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("slk-snap-ctrnfs-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_owned();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = RegistryClient::new(ClientOptions::plain_http());
+    let lower = dir.join("lower");
+    busybox_root(&lower);
+    let upper = dir.join("upper");
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("etc/added"), b"by layer 2\n").unwrap();
+    let standard = format!("{}/slk/standard-nfs:1", registry.addr());
+    rt.block_on(client.push_layers(
+        &standard,
+        vec![
+            PushLayer::tar_gzip(&layer_tar(&lower, &[]), 6),
+            PushLayer::tar_gzip(&layer_tar(&upper, &["etc/gone"]), 6),
+        ],
+    ))
+    .expect("push the standard image");
+    let expected = dir.join("expected");
+    sh(Command::new("cp").arg("-a").arg(&lower).arg(&expected)).unwrap();
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(upper.join("."))
+        .arg(&expected))
+    .unwrap();
+    std::fs::remove_file(expected.join("etc/gone")).unwrap();
+    let want = walk(&expected, &[]);
+
+    let nfs_dir = format!("ctrnfs-{}", ns());
+    let cfg = write_config(
+        &dir,
+        &format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
+        "metrics_address = \"127.0.0.1:19141\"",
+    );
+    let snap = Snapshotter::start(&cfg);
+    let ctrd = Containerd::start(&dir, &snap.socket);
+    let got = ctrd.pull_and_run(&standard);
+    assert_same(&want, &got, "standard image on NFS");
+    let m = "127.0.0.1:19141";
+    let fetched = metric(m, "slacker_snapshotter_lazy_fetched_bytes_total");
+    assert!(
+        fetched > 0,
+        "the containers read through the lazy data path"
+    );
+    eprintln!("NFS, standard image: {fetched} bytes fetched lazily");
+
+    // A slacker image whose storage is the same NFS directory (shared storage: a
+    // builder's layer store there, the snapshotter on it): the pull moves the 2 KiB
+    // reference layer, makes no clone, and the container runs lazily through FUSE.
+    let slacker_image = format!("{}/slk/slacker-nfs:1", registry.addr());
+    let pushed = rt.block_on(async {
+        let backend = slacker_config::BackendConfig::nfs(addr.clone(), nfs_dir.clone())
+            .open()
+            .await
+            .unwrap();
+        let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(dir.join("builder")).unwrap());
+        let store = LayerStore::open(
+            backend,
+            meta,
+            LayerStoreOptions::new("builder").with_volume_size(128 << 20),
+        )
+        .await
+        .unwrap();
+        store.import_dir("busybox", &lower).await.unwrap();
+        let diff = store.diff("busybox").await.unwrap();
+        client
+            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())])
+            .await
+            .expect("push the slacker image")
+            .layer_bytes_uploaded()
+    });
+    assert!(pushed <= 4096, "reference layer of {pushed} bytes");
+    let clones_before = metric(m, "slacker_snapshotter_clones_total");
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        &slacker_image,
+    ])
+    .expect("pull the slacker image");
+    assert_eq!(
+        metric(m, "slacker_snapshotter_clones_total"),
+        clones_before,
+        "no clone on pull"
+    );
+    assert_eq!(metric(m, "slacker_snapshotter_lazy_commits_total"), 1);
+    let got_b = ctrd.pull_and_run(&slacker_image);
+    assert_same(
+        &walk(&lower, &[]),
+        &got_b
+            .into_iter()
+            .filter(|(p, _)| p != Path::new("lost+found"))
+            .collect(),
+        "slacker image on NFS",
+    );
+    let fetched_b = metric(m, "slacker_snapshotter_lazy_fetched_bytes_total") - fetched;
+    eprintln!("NFS, slacker image: {fetched_b} bytes fetched lazily (volume of 128 MiB)");
+    drop(ctrd);
+    drop(snap);
+    unmount_under(&dir);
+    drop(registry);
 }

@@ -1,0 +1,231 @@
+//! CRI's remote-snapshot labels over the real socket, against a real registry: a layer's
+//! `Prepare` carrying `containerd.io/snapshot.ref`, `containerd.io/snapshot/cri.layer-digest`
+//! and `containerd.io/snapshot/cri.image-ref` (as CRI's unpacker sends them) makes the
+//! snapshotter fetch the layer itself. A slacker reference layer answers `AlreadyExists`
+//! and the chain id is then a committed snapshot a container's `Prepare` clones and
+//! mounts (the image's files are there); a standard tar+gzip layer, or an unreachable
+//! registry, gets the ordinary staging mounts so containerd downloads it itself.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use containerd_snapshots::tonic::Code;
+use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
+use slacker_core::LayerStore;
+use slacker_core::layer::LayerStoreOptions;
+use slacker_core::persist::{DirStore, MetaStore};
+use slacker_oci::{ClientOptions, LocalRegistry, PushLayer, RegistryClient, sha256_digest};
+use slacker_snapshotter::service::{
+    LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_SNAPSHOT_REF,
+};
+use support::tree::{busybox_root, layer_tar};
+use support::*;
+
+async fn connect(sock: std::path::PathBuf) -> SnapshotsClient<Channel> {
+    let ch = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            tokio::net::UnixStream::connect(sock.clone())
+        }))
+        .await
+        .unwrap();
+    SnapshotsClient::new(ch)
+}
+
+fn cri_labels(chain: &str, digest: &str, image: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_SNAPSHOT_REF.to_owned(), chain.to_owned()),
+        (LABEL_CRI_LAYER_DIGEST.to_owned(), digest.to_owned()),
+        (LABEL_CRI_IMAGE_REF.to_owned(), image.to_owned()),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".to_owned(),
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000".to_owned(),
+        ),
+    ])
+}
+
+fn prepare_req(key: &str, parent: &str, labels: HashMap<String, String>) -> PrepareSnapshotRequest {
+    PrepareSnapshotRequest {
+        snapshotter: "slacker".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    }
+}
+
+#[test]
+fn cri_labels_fetch_reference_layers_and_skip_the_download() {
+    if let Some(why) = missing(&[
+        "docker-registry",
+        "busybox",
+        "mkfs.btrfs",
+        "mkfs.ext4",
+        "debugfs",
+        "fsfreeze",
+        "curl",
+    ]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let fs = match Btrfs::new("4G") {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip_or_fail::<()>(format!("no btrfs: {why}"));
+            return;
+        }
+    };
+    let registry = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail::<()>(format!("no registry: {e}"));
+            return;
+        }
+    };
+    let dir = fs.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let data = fs.mnt.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = RegistryClient::new(ClientOptions::plain_http());
+    let addr = registry.addr().to_owned();
+    let lower = dir.join("lower");
+    busybox_root(&lower);
+    std::fs::write(lower.join("etc/marker"), b"remote snapshot\n").unwrap();
+
+    // The image: a reference layer (plain tar, as containerd's unpacker wants it) and a
+    // standard tar+gzip layer on top.
+    let image = format!("{addr}/slk/remote:1");
+    let standard_tar = layer_tar(&lower, &[]);
+    let standard = PushLayer::tar_gzip(&standard_tar, 1);
+    let (ref_digest, std_digest) = rt.block_on(async {
+        let backend = slacker_config::BackendConfig::btrfs(&data)
+            .open()
+            .await
+            .unwrap();
+        let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(dir.join("builder")).unwrap());
+        let store = LayerStore::open(
+            backend,
+            meta,
+            LayerStoreOptions::new("builder").with_volume_size(256 << 20),
+        )
+        .await
+        .unwrap();
+        store.import_dir("busybox", &lower).await.unwrap();
+        let diff = store.diff("busybox").await.unwrap();
+        let ref_digest = sha256_digest(&diff.tar);
+        let std_digest = sha256_digest(&standard.data);
+        client
+            .push_layers(&image, vec![PushLayer::tar(diff.tar.clone()), standard])
+            .await
+            .expect("push the image");
+        (ref_digest, std_digest)
+    });
+
+    let cfg = write_config(
+        &dir,
+        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+        &format!("metrics_address = \"127.0.0.1:19139\"\n[registry]\nplain_http = [\"{addr}\"]"),
+    );
+    let snap = Snapshotter::start(&cfg);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    rt.block_on(async {
+        let mut c = connect(snap.socket.clone()).await;
+        // The reference layer: fetched by the snapshotter, AlreadyExists, committed.
+        let r = c
+            .prepare(prepare_req(
+                "k8s.io/1/extract-1-sha256:chain1",
+                "",
+                cri_labels("sha256:chain1", &ref_digest, &image),
+            ))
+            .await;
+        assert_eq!(r.err().map(|s| s.code()), Some(Code::AlreadyExists));
+        let info = c
+            .stat(StatSnapshotRequest {
+                snapshotter: "slacker".into(),
+                key: "sha256:chain1".into(),
+            })
+            .await
+            .expect("the chain id is a snapshot now")
+            .into_inner()
+            .info
+            .unwrap();
+        assert_eq!(info.kind, 3, "committed: {info:?}");
+        assert_eq!(
+            info.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str),
+            Some("sha256:chain1")
+        );
+        // Asked again (a second pull of the image): AlreadyExists, nothing new.
+        let again = c
+            .prepare(prepare_req(
+                "k8s.io/1/extract-2-sha256:chain1",
+                "",
+                cri_labels("sha256:chain1", &ref_digest, &image),
+            ))
+            .await;
+        assert_eq!(again.err().map(|s| s.code()), Some(Code::AlreadyExists));
+
+        // The standard layer: not a reference; the ordinary staging mounts come back,
+        // containerd downloads and unpacks it.
+        let m = c
+            .prepare(prepare_req(
+                "k8s.io/1/extract-3-sha256:chain2",
+                "sha256:chain1",
+                cri_labels("sha256:chain2", &std_digest, &image),
+            ))
+            .await
+            .expect("a standard layer is unpacked by containerd")
+            .into_inner()
+            .mounts;
+        assert_eq!(m[0].r#type, "overlay", "{m:?}");
+        // An unreachable registry: containerd downloads it too.
+        let unreachable = c
+            .prepare(prepare_req(
+                "k8s.io/1/extract-4-sha256:chain3",
+                "sha256:chain1",
+                cri_labels("sha256:chain3", &ref_digest, "127.0.0.1:1/slk/remote:1"),
+            ))
+            .await
+            .expect("falls back to the download")
+            .into_inner()
+            .mounts;
+        assert_eq!(unreachable[0].r#type, "overlay");
+
+        // A container on the remote snapshot: its files are the image's.
+        let m = c
+            .prepare(prepare_req("ctr-1", "sha256:chain1", HashMap::new()))
+            .await
+            .unwrap()
+            .into_inner()
+            .mounts;
+        assert_eq!(m[0].r#type, "ext4", "{m:?}");
+        sh(std::process::Command::new("mount")
+            .args(["-t", "ext4", "-o", "ro,loop", &m[0].source])
+            .arg(&mnt))
+        .unwrap();
+        let marker = std::fs::read_to_string(mnt.join("etc/marker"));
+        sh(std::process::Command::new("umount").arg(&mnt)).unwrap();
+        assert_eq!(marker.unwrap(), "remote snapshot\n");
+    });
+    let metrics =
+        sh(std::process::Command::new("curl").args(["-fsS", "http://127.0.0.1:19139/metrics"]))
+            .unwrap();
+    assert!(
+        metrics.contains("slacker_snapshotter_remote_snapshots_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("slacker_snapshotter_clones_total 1\n"),
+        "only the container's prepare clones: {metrics}"
+    );
+    drop(snap);
+    drop(registry);
+}
