@@ -20,6 +20,7 @@ pub use block::{BlockIndex, BlockRange, BlockSize};
 pub use error::{Error, ErrorKind, ObjectKind, Result};
 pub use ids::{LayerId, SnapshotId, VolumeId};
 pub use layer::{
-    AppliedLayer, LayerDiff, LayerInfo, LayerKind, LayerStore, LayerStoreOptions, Reference,
+    AppliedLayer, ApplyMethod, ApplyMode, LayerDiff, LayerInfo, LayerKind, LayerStore,
+    LayerStoreOptions, Loss, Reference,
 };
 pub use worker::{BlockCache, LazyVolume, LazyVolumeOptions, Metrics};
