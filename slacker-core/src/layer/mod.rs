@@ -1443,6 +1443,72 @@ impl<B: Backend> LayerStore<B> {
     }
 }
 
+impl<B: Backend> LayerStore<B> {
+    /// Writes the file tree of layer `id` as an uncompressed tar into the new file `out`
+    /// (without `lost+found`), for the plain OCI export of an image. As root the layer's
+    /// ext4 is loop-mounted (read from a scratch copy) and written with
+    /// [`archive::TreeTar`], keeping every attribute; otherwise the tree is extracted with
+    /// `debugfs rdump` (see [`ext4`] for what that drops). Returns whether the export was
+    /// lossless.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown layer; `InvalidInput` if the layer is not ext4; backend
+    /// and IO errors.
+    pub async fn export_tar(&self, id: &str, out: &Path) -> Result<bool> {
+        let root = rustix::process::geteuid().is_root();
+        let scratch = self.scratch()?;
+        let out = out.to_path_buf();
+        let create = move |p: &Path| {
+            File::create_new(p)
+                .map_err(|e| Error::backend("layer-export", format!("{}: {e}", p.display())))
+        };
+        if !root {
+            let tree = scratch.path().join("tree");
+            std::fs::create_dir(&tree)
+                .map_err(|e| Error::backend("layer-export", format!("{}: {e}", tree.display())))?;
+            self.export_tree(id, &tree).await?;
+            return blocking(move || {
+                let mut t = archive::TreeTar::new(std::io::BufWriter::new(create(&out)?));
+                t.append_tree(&tree, &["lost+found"])?;
+                t.finish()?;
+                Ok(false)
+            })
+            .await;
+        }
+        let (snap, vol, size) = {
+            let inner = self.inner.lock().await;
+            let r = self.record(&inner, id)?;
+            (r.snapshot.clone(), self.volume_id(id)?, r.size)
+        };
+        let img = scratch.path().join("export.img");
+        match snap {
+            Some(s) => self.export_snapshot(&s, size, &img).await?,
+            None => {
+                let tmp = self.backend.snapshot(&vol).await?;
+                let r = self.export_snapshot(&tmp, size, &img).await;
+                let _ = self.backend.remove_snapshot(&tmp).await;
+                r?
+            }
+        }
+        let mnt = scratch.path().join("mnt");
+        std::fs::create_dir(&mnt)
+            .map_err(|e| Error::backend("layer-export", format!("{}: {e}", mnt.display())))?;
+        blocking(move || {
+            let m = ext4::Mounted::mount(&img, &mnt)?;
+            let mut t = archive::TreeTar::new(std::io::BufWriter::new(create(&out)?));
+            let r = t.append_tree(m.root(), &["lost+found"]);
+            let u = m.unmount();
+            r?;
+            u?;
+            let mut w = t.finish()?;
+            std::io::Write::flush(&mut w)
+                .map_err(|e| Error::backend("layer-export", format!("{}: {e}", out.display())))?;
+            Ok(true)
+        })
+        .await
+    }
+}
+
 /// Bytes of regular files and number of entries under `dir`.
 fn tree_size(dir: &Path) -> Result<(u64, u64)> {
     let mut bytes = 0u64;
