@@ -3,7 +3,7 @@
 //! each, so they cost the same for 64 MiB and 64 GiB.
 //!
 //! ```text
-//!  worker A ──┐  NFSv4.2 session (pure Rust client, `client`)      knfsd on btrfs/xfs
+//!  worker A ──┐  NFSv4.2 session (`slacker-nfs-client`)            knfsd on btrfs/xfs
 //!  worker B ──┼──────────────────────────────────────────────▶  <export>/<dir>/
 //!  registry ──┘  CLONE / COPY / SEEK / DEALLOCATE / LINK / RENAME    volumes/ snapshots/ tmp/
 //! ```
@@ -124,11 +124,13 @@
 #![warn(missing_docs)]
 
 mod backend;
-pub mod client;
 mod config;
 mod error;
 mod meta;
 mod remote;
+
+/// The NFSv4.1/4.2 client this backend runs on (the [`slacker_nfs_client`] crate).
+pub use slacker_nfs_client as client;
 
 pub use backend::{GcReport, NfsBackend};
 pub use config::{CloneMode, NfsBuilder, NfsConfig, SCHEME};

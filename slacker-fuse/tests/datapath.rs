@@ -466,6 +466,63 @@ fn volumes_without_origin_snapshot_views_and_removed_origins() {
     });
 }
 
+/// Issue 13: after the origin snapshot is removed, a clone's reader falls back to its own
+/// volume. Those bytes are that clone's, not the snapshot's: they must never reach another
+/// clone's reader waiting on the same shared cache slot. Here clone A's reader claims
+/// block 0 (slow link), A then writes block 0, and B's reader joins the claim in flight;
+/// B must read the image's bytes, not A's private write.
+#[test]
+fn after_the_origin_is_removed_one_clones_bytes_never_reach_another() {
+    rt().block_on(async {
+        let backend: Arc<dyn Backend> = Arc::new(Throttled::new(
+            MemBackend::new(),
+            LinkProfile::latency_only(Duration::from_millis(150)),
+        ));
+        let (snap, content) = image(&*backend, 64 * BS, 13).await;
+        let a = clone_of(&*backend, &snap, "a").await;
+        let b = clone_of(&*backend, &snap, "b").await;
+        backend.remove_snapshot(&snap).await.unwrap();
+        let cache = Arc::new(BlockCache::new(1 << 20));
+        let open = |v: VolumeId| {
+            LazyVolume::open(
+                backend.clone(),
+                v,
+                cache.clone(),
+                LazyVolumeOptions::default().with_read_ahead(0),
+            )
+        };
+        let (la, lb) = (open(a).await.unwrap(), open(b).await.unwrap());
+
+        // t=0: A's reader claims block 0 of the snapshot's slot; the snapshot read fails
+        // (NotFound, answered at 150 ms), then A's volume is read (executed at 150 ms).
+        let reader = la.clone();
+        let a_read = tokio::spawn(async move { reader.read_at(0, BS as usize).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // t=30 ms: A writes block 0 (executed at once), before A's fallback read runs.
+        let private = vec![0xAA; BS as usize];
+        la.write_at(0, &private).await.unwrap();
+        // t=180 ms (the write is acknowledged): A's fallback read is in flight until
+        // 300 ms, so B's reader of block 0 joins A's claim.
+        let b_read = {
+            let lb = lb.clone();
+            tokio::spawn(async move { lb.read_at(0, BS as usize).await })
+        };
+        let got_a = a_read.await.unwrap().unwrap();
+        let got_b = b_read.await.unwrap().unwrap();
+        assert!(
+            got_a[..] == private[..] || got_a[..] == content[..BS as usize],
+            "A reads its write or the image"
+        );
+        assert!(
+            got_b[..] == content[..BS as usize],
+            "B must read the image's block 0, never clone A's private write (got {:?}..)",
+            &got_b[..8]
+        );
+        assert_eq!(cache.stats().resident_blocks, 0, "nothing of A or B cached");
+        assert_eq!(&lb.read_at(0, 16).await.unwrap()[..], &content[..16]);
+    });
+}
+
 #[test]
 fn eviction_keeps_the_cache_within_its_bound() {
     rt().block_on(async {

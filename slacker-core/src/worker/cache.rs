@@ -362,19 +362,14 @@ impl BlockCache {
         }
     }
 
-    /// Completes claims with their data: inserts each block (when `cache_it`), ends its
-    /// in-flight entry and hands the data to every waiter.
-    pub(crate) fn fill<'a>(
-        &self,
-        claims: impl IntoIterator<Item = (Claim<'a>, Bytes)>,
-        cache_it: bool,
-    ) {
+    /// Completes claims with their data, which must be the image's own blocks (read from
+    /// the snapshot): inserts each block, ends its in-flight entry and hands the data to
+    /// every waiter. Bytes read from anything else must not come here: drop the claims.
+    pub(crate) fn fill<'a>(&self, claims: impl IntoIterator<Item = (Claim<'a>, Bytes)>) {
         let mut inner = self.lock();
         for (mut claim, data) in claims {
             inner.release(claim.image, claim.block, claim.id);
-            if cache_it {
-                inner.insert(self.capacity, claim.image, claim.block, data.clone());
-            }
+            inner.insert(self.capacity, claim.image, claim.block, data.clone());
             claim.tx.send_replace(Some(data));
             claim.done = true;
         }

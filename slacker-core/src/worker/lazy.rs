@@ -616,28 +616,43 @@ impl LazyVolume {
         let range = BlockRange::new(first, first + run.len() as u32);
         let (off, len) = (u64::from(first) * bs, (range.len() * bs) as usize);
         let t = Instant::now();
-        let (data, kind) = match self.inner.backend.read_snapshot_at(snap, off, len).await {
-            Ok(d) => (d, FetchKind::Snapshot),
+        let data = match self.inner.backend.read_snapshot_at(snap, off, len).await {
+            Ok(d) => d,
             // The origin snapshot was removed (clones stay readable): by the bitmap
-            // invariant the volume's own clean blocks equal it.
-            Err(e) if e.kind() == ErrorKind::NotFound => match &self.inner.target {
-                Target::Volume(id) => (
-                    self.inner.backend.read_at(id, off, len).await?,
+            // invariant the volume's own clean blocks equal it, but only for this volume
+            // and only until it writes them. So those bytes are this reader's alone:
+            // never put in the snapshot's shared slot, never handed to the readers
+            // waiting on our claims (they may be other clones of the snapshot, or read
+            // after a write of ours raced with this fetch). Dropping the claims first
+            // wakes them to fetch for themselves.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                drop(run);
+                let Target::Volume(id) = &self.inner.target else {
+                    return Err(e);
+                };
+                let data = self.inner.backend.read_at(id, off, len).await?;
+                self.check_len(&data, range)?;
+                self.inner.metrics.fetch(
                     FetchKind::Volume,
-                ),
-                Target::Snapshot => return Err(e),
-            },
+                    data.len() as u64,
+                    range.len(),
+                    t.elapsed(),
+                );
+                return Ok(split_blocks(&data, range, bs));
+            }
             Err(e) => return Err(e),
         };
         self.check_len(&data, range)?;
-        self.inner
-            .metrics
-            .fetch(kind, data.len() as u64, range.len(), t.elapsed());
-        let pieces = split_blocks(&data, range, bs);
-        self.inner.cache.fill(
-            run.into_iter().zip(pieces.iter().map(|(_, d)| d.clone())),
-            kind == FetchKind::Snapshot,
+        self.inner.metrics.fetch(
+            FetchKind::Snapshot,
+            data.len() as u64,
+            range.len(),
+            t.elapsed(),
         );
+        let pieces = split_blocks(&data, range, bs);
+        self.inner
+            .cache
+            .fill(run.into_iter().zip(pieces.iter().map(|(_, d)| d.clone())));
         Ok(pieces)
     }
 

@@ -1,22 +1,22 @@
-//! A small NFSv4.1/4.2 client (pure Rust, async on tokio), written from
-//! RFC 8881 and RFC 7862 for what slacker needs: files, directories,
-//! server-side CLONE and COPY, sparse-file operations.
+//! A small NFSv4.1/4.2 client: pure Rust, async on tokio, no kernel mount and no
+//! C library. Written from RFC 8881 (NFSv4.1) and RFC 7862 (NFSv4.2) for what
+//! [slacker](https://github.com/slacker-rs/slacker) needs, and tested against
+//! Linux knfsd exporting btrfs: files, directories, hard links, and the 4.2
+//! server-side operations (CLONE, COPY, SEEK, ALLOCATE, DEALLOCATE) that make
+//! snapshots and clones of large sparse files cost one round trip.
 //!
-//! Layers, bottom up:
-//! - [`xdr`]: XDR encoding and decoding.
-//! - `rpc`: ONC RPC over TCP with record marking and AUTH_SYS.
-//! - `ops`: COMPOUND operations (arguments and results).
-//! - `session`: EXCHANGE_ID / CREATE_SESSION, the slot table, SEQUENCE,
-//!   retries on `NFS4ERR_DELAY`/`NFS4ERR_GRACE`, reconnection, lease renewal.
-//! - this module: [`NfsClient`], a path-based API, and [`NfsFile`], an open
-//!   file.
+//! # Connecting
 //!
-//! Paths are relative to the server's NFSv4 root (`"a/b/c"`, a leading `/`
-//! is ignored). `..` is not allowed.
+//! [`NfsClient::connect`] takes the server's `host:port` (2049 for knfsd) and
+//! [`ClientOptions`]; it runs EXCHANGE_ID, CREATE_SESSION and RECLAIM_COMPLETE
+//! and reads the server's limits. Credentials are AUTH_SYS (uid 0 by default):
+//! the export must allow the client (`no_root_squash` for uid 0). Paths are
+//! relative to the server's NFSv4 pseudo-root (`"export/dir/file"`; a leading
+//! `/` is ignored, `..` is rejected).
 //!
 //! ```no_run
-//! # async fn demo() -> slacker_backend_nfs::client::Result<()> {
-//! use slacker_backend_nfs::client::{ClientOptions, NfsClient};
+//! # async fn demo() -> slacker_nfs_client::Result<()> {
+//! use slacker_nfs_client::{ClientOptions, NfsClient};
 //! let nfs = NfsClient::connect("127.0.0.1:2049", ClientOptions::default()).await?;
 //! nfs.mkdir_all("images/base").await?;
 //! let f = nfs.create("images/base/layer.img").await?;
@@ -29,9 +29,55 @@
 //! nfs.close().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # What it speaks
+//!
+//! | area | operations |
+//! |---|---|
+//! | sessions (RFC 8881 §2.10, §18.35–18.37, §18.46) | EXCHANGE_ID, CREATE_SESSION, SEQUENCE, RECLAIM_COMPLETE, DESTROY_SESSION, DESTROY_CLIENTID |
+//! | names | PUTROOTFH, PUTFH, LOOKUP, GETFH, SAVEFH, RESTOREFH, CREATE (directories), LINK, REMOVE, RENAME, READDIR |
+//! | files | OPEN (create unchecked/guarded, claim null or by handle), CLOSE, DELEGRETURN, READ, WRITE (`UNSTABLE4` or `FILE_SYNC4`), COMMIT, GETATTR, SETATTR (size, mode) |
+//! | NFSv4.2 (RFC 7862 §15) | CLONE, COPY (synchronous, intra-server), SEEK, ALLOCATE, DEALLOCATE |
+//!
+//! Not implemented: RPCSEC_GSS/Kerberos, the back channel (so no delegations or
+//! callbacks: OPEN asks for none, and any the server grants are returned),
+//! byte-range locks, pNFS, asynchronous or inter-server COPY, ACLs and named
+//! attributes, NFSv4.0. Data is read and written with the anonymous stateid,
+//! so there is no open state to recover after a server restart.
+//!
+//! # Behaviour
+//!
+//! - Up to [`ClientOptions::slots`] COMPOUNDs are in flight at once; larger
+//!   reads and writes are split into [`NfsClient::max_read_size`] /
+//!   [`NfsClient::max_write_size`] pieces sent in parallel.
+//! - `NFS4ERR_DELAY` and `NFS4ERR_GRACE` are retried with backoff for up to
+//!   [`ClientOptions::retry_timeout`].
+//! - A dropped connection is re-established for up to
+//!   [`ClientOptions::reconnect_timeout`], and an in-flight request is re-sent on
+//!   the same slot so the server's reply cache gives exactly-once semantics; a
+//!   server that lost the session (restart) gets a new client id and session.
+//! - The lease is renewed in the background while the client is open.
+//! - Every failure is an [`Error`] naming the operation.
+//!
+//! # Layers, bottom up
+//!
+//! - [`xdr`]: XDR encoding and decoding.
+//! - `rpc`: ONC RPC (RFC 5531) over TCP with record marking and AUTH_SYS.
+//! - [`ops`]: COMPOUND operations (arguments and results), for callers that
+//!   build their own compounds and run them with [`NfsClient::compound`].
+//! - `session`: EXCHANGE_ID / CREATE_SESSION, the slot table, SEQUENCE,
+//!   retries on `NFS4ERR_DELAY`/`NFS4ERR_GRACE`, reconnection, lease renewal.
+//! - the crate root: [`NfsClient`], a path-based API, and [`NfsFile`], an open
+//!   file.
+//!
+//! # Testing
+//!
+//! The integration tests live in `slacker-backend-nfs/tests/client.rs` of the
+//! repository and run against a real Linux knfsd in a small VM
+//! (`slacker-backend-nfs/server/`).
 
 mod error;
-pub(crate) mod ops;
+pub mod ops;
 mod rpc;
 mod session;
 pub mod xdr;
@@ -96,7 +142,7 @@ impl Default for ClientOptions {
 
 /// An NFSv4 file handle (opaque, valid as long as the object exists).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FileHandle(pub(crate) Fh);
+pub struct FileHandle(pub Fh);
 
 impl FileHandle {
     /// The handle's bytes.
@@ -338,14 +384,19 @@ impl NfsClient {
         self.inner.lease
     }
 
-    /// Runs one COMPOUND (after SEQUENCE). Crate-internal: the backend builds
-    /// its own compounds from [`ops`].
-    pub(crate) async fn compound(&self, label: &'static str, ops: &[Op]) -> Result<Vec<OpRes>> {
+    /// Runs one COMPOUND (after SEQUENCE): the low-level entry point for
+    /// callers that build their own compounds from [`ops`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Nfs`] with the first failing operation's status, [`Error::Io`]
+    /// or [`Error::Timeout`] when the server cannot be reached in time.
+    pub async fn compound(&self, label: &'static str, ops: &[Op]) -> Result<Vec<OpRes>> {
         self.inner.session.compound(label, ops).await
     }
 
     /// RPCs the session runs at once.
-    pub(crate) fn slots(&self) -> usize {
+    pub fn slots(&self) -> usize {
         self.inner.session.config().slots as usize
     }
 
@@ -483,9 +534,9 @@ impl NfsClient {
     }
 
     /// An OPEN (read and write, no delegation) of `name` in the current
-    /// directory handle, with a fresh open owner. Crate-internal: for
-    /// compounds that OPEN, use the file and CLOSE it in one round trip.
-    pub(crate) fn open_op(&self, name: String, how: OpenHow) -> Op {
+    /// directory handle, with a fresh open owner: for compounds (see
+    /// [`NfsClient::compound`]) that OPEN, use the file and CLOSE it in one round trip.
+    pub fn open_op(&self, name: String, how: OpenHow) -> Op {
         Op::Open {
             share_access: ops::SHARE_ACCESS_READ
                 | ops::SHARE_ACCESS_WRITE
@@ -1320,3 +1371,8 @@ mod tests {
         assert!(matches!(e, Error::Timeout { op: "CONNECT", .. }), "{e:?}");
     }
 }
+
+/// The README's example, compiled as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
