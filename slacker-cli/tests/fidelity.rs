@@ -8,7 +8,8 @@
 //! groups, mtime to the nanosecond), and `slacker run` of the converted image must reach
 //! the image's readiness rule.
 //!
-//! Which images: `SLACKER_FIDELITY=full` runs the whole corpus (building it takes
+//! Which images: `SLACKER_FIDELITY=full` runs the whole corpus (`SLACKER_FIDELITY=redis,nginx`
+//! names some) (building it takes
 //! minutes: `slacker-hellobench corpus --corpus full` caches it under
 //! `$SLACKER_CACHE/hellobench`); under `CI=true` (or `SLACKER_FIDELITY=ci`) the minbase
 //! tree plus `python3`; otherwise it runs on what is cached and prints `SKIPPED` if nothing
@@ -139,6 +140,13 @@ fn corpus_images_round_trip_through_convert_and_reach_readiness() {
     let store = Store::new(&cache_root());
     let wanted: Vec<_> = match mode.as_str() {
         "full" => all.clone(),
+        m if m.contains(',') || all.iter().any(|i| i.name == m) => {
+            let names: Vec<&str> = m.split(',').collect();
+            all.iter()
+                .filter(|i| names.contains(&i.name.as_str()))
+                .cloned()
+                .collect()
+        }
         _ if ci || mode == "ci" => all
             .iter()
             .filter(|i| i.name == "python3")
