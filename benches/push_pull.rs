@@ -200,7 +200,7 @@ async fn bench_size(
             .await
             .expect("gzip");
         let pushed = push_client
-            .push_layers(&image, vec![layer])
+            .push_layers(&image, vec![layer], None)
             .await
             .expect("push");
         tpush.push(t.elapsed().as_secs_f64() * 1e3);
@@ -286,7 +286,7 @@ fn main() {
         let _ = sha256_digest(&layer.data);
         let image = format!("{addr}/bench/warmup:{run}");
         push_client
-            .push_layers(&image, vec![layer])
+            .push_layers(&image, vec![layer], None)
             .await
             .expect("warm-up push");
         pull_client

@@ -37,7 +37,8 @@ pub use ids::LayerId;
 pub use ids::{SnapshotId, VolumeId};
 #[cfg(feature = "layers")]
 pub use layer::{
-    AppliedLayer, LayerDiff, LayerInfo, LayerKind, LayerStore, LayerStoreOptions, Reference,
+    AppliedLayer, ApplyMethod, ApplyMode, LayerDiff, LayerInfo, LayerKind, LayerStore,
+    LayerStoreOptions, Loss, Reference,
 };
 #[cfg(feature = "worker")]
 pub use worker::{BlockCache, LazyVolume, LazyVolumeOptions, Metrics};

@@ -21,8 +21,8 @@
 //!
 //! | index entry | `platform` | annotation [`KIND_ANNOTATION`] | `artifactType` |
 //! |---|---|---|---|
-//! | plain image | linux/amd64 | `plain` | – |
-//! | slacker image | linux/amd64 | `reference` | [`REFERENCE_ARTIFACT_TYPE`] |
+//! | plain image | the image's (default: this host's) | `plain` | – |
+//! | slacker image | the same | `reference` | [`REFERENCE_ARTIFACT_TYPE`] |
 //!
 //! How a consumer picks: slacker ([`RegistryClient::pull_image`]) takes the entry
 //! annotated `reference` (or with that `artifactType`), and falls back to the plain entry
@@ -30,42 +30,79 @@
 //! clients select by platform and take the **first** match, the plain image, whose
 //! layers they understand; they never see the reference layer.
 //!
+//! **The image config travels.** [`PushOptions::config`] carries an image's original
+//! config ([`ImageConfiguration`]: Entrypoint, Cmd, Env, User, WorkingDir, Labels,
+//! ExposedPorts, history, platform) into both the slacker and the plain manifest (only
+//! `rootfs.diff_ids` is replaced, and one history entry appended);
+//! [`PullReport::config`] returns it. Manifests, indexes and configs are `oci-spec`
+//! types, re-exported here on purpose; `oci-client` stays an implementation detail.
+//!
+//! **Pulls verify before they record.** Every blob is checked against its digest and
+//! every layer's uncompressed digest against the config's `diff_ids` before the first
+//! layer is applied: a tampered blob or a lying config is an
+//! [`Integrity`](slacker_core::ErrorKind::Integrity) error and nothing is recorded.
+//!
+//! **Registry access.** HTTPS by default (rustls with the `ring` provider; the
+//! `native-tls` feature switches to the system's OpenSSL); plain HTTP only when asked
+//! ([`ClientOptions::plain_http`]). Credentials come from the docker client config and
+//! credential helpers ([`auth`]).
+//!
 //! Blobs the registry already has (`HEAD` → 200) are not uploaded again; reports count
 //! the bytes that actually moved.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
+#[cfg(feature = "test-util")]
 pub mod local;
 pub mod referrers;
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, Write};
 use std::path::Path;
+use std::sync::Mutex;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::{
-    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
-    IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
-};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use serde_json::{Value, json};
+use oci_spec::image::{
+    Arch, Descriptor, DescriptorBuilder, HistoryBuilder, ImageIndex, ImageIndexBuilder,
+    ImageManifest, ImageManifestBuilder, MediaType, Os, PlatformBuilder, RootFs,
+};
 use sha2::{Digest, Sha256};
 use slacker_core::layer::{LayerDiff, LayerKind};
 use slacker_core::{Backend, Error, LayerStore, Result};
 
+pub use auth::Credentials;
+#[cfg(feature = "test-util")]
 pub use local::LocalRegistry;
+/// The `oci-spec` image types this crate's API uses (re-exported on purpose).
+pub use oci_spec::image::{self as spec, ImageConfiguration};
 
 /// Media type of a slacker reference layer.
 pub const REFERENCE_MEDIA_TYPE: &str = slacker_core::layer::reference::MEDIA_TYPE;
+/// Media type of an uncompressed OCI layer.
+pub const IMAGE_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Media type of a gzip-compressed OCI layer.
+pub const IMAGE_LAYER_GZIP_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// Media type of a zstd-compressed traditional layer.
 pub const IMAGE_LAYER_ZSTD_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// Media type of a Docker (schema 2) layer.
+pub const DOCKER_LAYER_GZIP_MEDIA_TYPE: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Media type of an OCI image config.
+pub const IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 /// `artifactType` of the slacker manifest in an image index.
 pub const REFERENCE_ARTIFACT_TYPE: &str = "application/vnd.slacker.image.v1";
 /// Annotation on index entries and manifests: `reference` or `plain`.
 pub const KIND_ANNOTATION: &str = "dev.slacker.image.kind";
+
+const OCI_IMAGE_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_IMAGE_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Media types [`RegistryClient::pull_image`] accepts for layers.
 pub const LAYER_MEDIA_TYPES: [&str; 6] = [
@@ -73,15 +110,15 @@ pub const LAYER_MEDIA_TYPES: [&str; 6] = [
     IMAGE_LAYER_MEDIA_TYPE,
     IMAGE_LAYER_GZIP_MEDIA_TYPE,
     IMAGE_LAYER_ZSTD_MEDIA_TYPE,
-    IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
-    IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+    "application/vnd.docker.image.rootfs.diff.tar",
+    DOCKER_LAYER_GZIP_MEDIA_TYPE,
 ];
 
 const MANIFEST_TYPES: [&str; 4] = [
     OCI_IMAGE_MEDIA_TYPE,
     OCI_IMAGE_INDEX_MEDIA_TYPE,
-    IMAGE_MANIFEST_MEDIA_TYPE,
-    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+    DOCKER_MANIFEST_MEDIA_TYPE,
+    DOCKER_LIST_MEDIA_TYPE,
 ];
 
 /// Layers bigger than this are spooled to a temporary file when pulled.
@@ -91,9 +128,26 @@ fn oci_error(e: impl std::fmt::Display) -> Error {
     Error::backend("oci", e.to_string())
 }
 
+/// A blob download error: a digest mismatch is `Integrity`, anything else `Backend`.
+fn blob_error(e: OciDistributionError) -> Error {
+    match e {
+        OciDistributionError::DigestError(d) => {
+            Error::Integrity(format!("blob does not match its digest: {d}"))
+        }
+        other => oci_error(other),
+    }
+}
+
+fn spec_error(e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("OCI document: {e}"))
+}
+
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
-    let h = Sha256::digest(data);
+    hex_digest(Sha256::digest(data).as_slice())
+}
+
+fn hex_digest(h: &[u8]) -> String {
     let mut s = String::with_capacity(71);
     s.push_str("sha256:");
     for b in h {
@@ -116,34 +170,103 @@ fn by_digest(r: &Reference, digest: &str) -> Reference {
     )
 }
 
+fn descriptor(media_type: &str, digest: &str, size: u64) -> Result<Descriptor> {
+    let d: oci_spec::image::Digest = digest.parse().map_err(spec_error)?;
+    Ok(Descriptor::new(MediaType::from(media_type), size, d))
+}
+
+fn to_client_desc(d: &Descriptor) -> OciDescriptor {
+    OciDescriptor {
+        media_type: d.media_type().to_string(),
+        digest: d.digest().to_string(),
+        size: i64::try_from(d.size()).unwrap_or(i64::MAX),
+        ..OciDescriptor::default()
+    }
+}
+
+/// An image config for this host's platform and nothing else: what a push without
+/// [`PushOptions::config`] carries.
+pub fn default_config() -> ImageConfiguration {
+    let mut c = ImageConfiguration::default();
+    c.set_architecture(Arch::default());
+    c.set_os(Os::default());
+    c
+}
+
+/// `base` with `rootfs.diff_ids` replaced by `diff_ids`; the original history entries
+/// are kept (marked `empty_layer`: their layers were flattened) and one entry saying
+/// what made the new layer is appended.
+fn derive_config(
+    base: &ImageConfiguration,
+    diff_ids: Vec<String>,
+    made_by: &str,
+) -> Result<Vec<u8>> {
+    let mut cfg = base.clone();
+    let mut rootfs = RootFs::default();
+    rootfs.set_diff_ids(diff_ids);
+    cfg.set_rootfs(rootfs);
+    if base.history().is_some() {
+        let mut h: Vec<_> = base.history().clone().unwrap_or_default();
+        for e in &mut h {
+            e.set_empty_layer(Some(true));
+        }
+        h.push(
+            HistoryBuilder::default()
+                .created_by(made_by)
+                .build()
+                .map_err(spec_error)?,
+        );
+        cfg.set_history(Some(h));
+    }
+    serde_json::to_vec(&cfg).map_err(spec_error)
+}
+
 /// How to reach registries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientOptions {
     /// Speak plain HTTP (for a registry on 127.0.0.1); HTTPS otherwise.
     pub plain_http: bool,
+    /// Credentials for every registry; `None`: from the docker config ([`auth`]).
+    pub credentials: Option<Credentials>,
 }
 
 impl ClientOptions {
     /// Plain HTTP to every registry (loopback test registries).
     pub fn plain_http() -> Self {
-        Self { plain_http: true }
+        Self {
+            plain_http: true,
+            credentials: None,
+        }
+    }
+    /// Sets [`credentials`](Self::credentials).
+    pub fn with_credentials(mut self, c: Credentials) -> Self {
+        self.credentials = Some(c);
+        self
     }
 }
 
 /// What [`RegistryClient::push_image`] should do besides the slacker manifest.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PushOptions {
     /// Also push an ordinary OCI image (tar+gzip of the ext4 tree) and tag an index of
     /// both (see the [crate docs](crate)).
     pub plain_export: bool,
+    /// The image config to carry (the original image's); default
+    /// [`default_config`].
+    pub config: Option<ImageConfiguration>,
 }
 
 impl PushOptions {
     /// Sets [`plain_export`](Self::plain_export).
     pub fn with_plain_export(mut self, on: bool) -> Self {
         self.plain_export = on;
+        self
+    }
+    /// Sets [`config`](Self::config).
+    pub fn with_config(mut self, config: ImageConfiguration) -> Self {
+        self.config = Some(config);
         self
     }
 }
@@ -232,6 +355,9 @@ pub struct PushReport {
     pub blobs: Vec<BlobTransfer>,
     /// Bytes of manifests and index uploaded.
     pub manifest_bytes: u64,
+    /// Whether the plain export kept every file attribute (see
+    /// [`LayerStore::export_tar`]).
+    pub plain_export_lossless: Option<bool>,
 }
 
 impl PushReport {
@@ -265,10 +391,12 @@ pub struct PulledLayer {
     pub blob: BlobTransfer,
     /// Lazy (reference) or unpacked (traditional).
     pub kind: LayerKind,
+    /// What applying it could not keep (see [`slacker_core::Loss`]); empty when reused.
+    pub losses: Vec<slacker_core::Loss>,
 }
 
 /// What a pull did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PullReport {
     /// The top layer: what a runtime `get`s (or `create`s a container layer on).
@@ -283,6 +411,8 @@ pub struct PullReport {
     pub manifest_bytes: u64,
     /// Bytes of the config downloaded.
     pub config_bytes: u64,
+    /// The image config (Entrypoint, Cmd, Env, User, WorkingDir, ...).
+    pub config: ImageConfiguration,
 }
 
 impl PullReport {
@@ -307,29 +437,46 @@ impl PullReport {
 pub struct PulledManifest {
     /// Its digest.
     pub digest: String,
+    /// The manifest.
+    pub manifest: ImageManifest,
     /// The config descriptor.
-    pub config: OciDescriptor,
+    pub config: Descriptor,
     /// The layer descriptors, bottom first (sizes as the registry stores them).
-    pub layers: Vec<OciDescriptor>,
+    pub layers: Vec<Descriptor>,
     /// Bytes downloaded for it (and for the index it was picked from).
     pub bytes: u64,
     /// Which index entry kind was picked, if the tag named an index.
     pub picked_from_index: Option<String>,
 }
 
-/// A registry client for slacker images (anonymous access).
+/// A registry client for slacker images and standard OCI/Docker images.
 pub struct RegistryClient {
     client: Client,
-    auth: RegistryAuth,
+    options: ClientOptions,
+    /// Credentials resolved per registry.
+    auths: Mutex<HashMap<String, RegistryAuth>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryClient").finish_non_exhaustive()
+        f.debug_struct("RegistryClient")
+            .field("plain_http", &self.options.plain_http)
+            .finish_non_exhaustive()
     }
 }
 
+/// A downloaded, verified layer blob.
+enum Blob {
+    Memory(Vec<u8>),
+    File(std::fs::File),
+}
+
 impl RegistryClient {
+    /// The oci-client underneath, for this crate's own modules (referrers); not public API.
+    pub(crate) fn inner(&self) -> &Client {
+        &self.client
+    }
+
     /// A client with monolithic blob uploads (one PUT per blob; about twice as fast as
     /// chunked uploads against distribution 2.8).
     pub fn new(options: ClientOptions) -> Self {
@@ -342,15 +489,45 @@ impl RegistryClient {
             use_monolithic_push: true,
             ..Default::default()
         };
+        install_tls_provider();
         Self {
             client: Client::new(config),
-            auth: RegistryAuth::Anonymous,
+            options,
+            auths: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The underlying `oci-client` client.
-    pub fn inner(&self) -> &Client {
-        &self.client
+    /// Resolves and stores the credentials for `r`'s registry (once per registry).
+    async fn prepare(&self, r: &Reference) -> Result<RegistryAuth> {
+        let registry = r.resolve_registry().to_owned();
+        let known = self
+            .auths
+            .lock()
+            .expect("auth lock")
+            .get(&registry)
+            .cloned();
+        let auth = match known {
+            Some(a) => a,
+            None => {
+                let creds = match &self.options.credentials {
+                    Some(c) => c.clone(),
+                    None => auth::credentials(r.registry())?,
+                };
+                let a = match creds {
+                    Credentials::Anonymous => RegistryAuth::Anonymous,
+                    Credentials::Basic { username, password } => {
+                        RegistryAuth::Basic(username, password)
+                    }
+                };
+                self.auths
+                    .lock()
+                    .expect("auth lock")
+                    .insert(registry.clone(), a.clone());
+                a
+            }
+        };
+        self.client.store_auth_if_needed(&registry, &auth).await;
+        Ok(auth)
     }
 
     async fn upload(&self, r: &Reference, media_type: &str, data: Vec<u8>) -> Result<BlobTransfer> {
@@ -394,13 +571,31 @@ impl RegistryClient {
     }
 
     /// Pushes an image made of `layers` (bottom first) as an OCI image manifest tagged
-    /// `image`, with a deterministic config; blobs the registry has are skipped.
+    /// `image`, with `config` (default [`default_config`]; its `diff_ids` are replaced by
+    /// the layers'); blobs the registry has are skipped.
     ///
     /// # Errors
     /// `InvalidInput` for a bad reference; `Backend` for registry failures.
-    pub async fn push_layers(&self, image: &str, layers: Vec<PushLayer>) -> Result<PushReport> {
+    pub async fn push_layers(
+        &self,
+        image: &str,
+        layers: Vec<PushLayer>,
+        config: Option<&ImageConfiguration>,
+    ) -> Result<PushReport> {
         let r = parse_ref(image)?;
-        let (mut report, body, _) = self.push_parts(&r, layers, "plain").await?;
+        self.prepare(&r).await?;
+        let base = config.cloned().unwrap_or_else(default_config);
+        let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
+        let cfg = if config.is_some() {
+            let mut c = base.clone();
+            let mut rootfs = RootFs::default();
+            rootfs.set_diff_ids(diff_ids);
+            c.set_rootfs(rootfs);
+            serde_json::to_vec(&c).map_err(spec_error)?
+        } else {
+            derive_config(&base, diff_ids, "slacker push")?
+        };
+        let (mut report, body) = self.push_parts(&r, layers, cfg, "plain").await?;
         let (digest, n) = self.put_manifest(&r, OCI_IMAGE_MEDIA_TYPE, body).await?;
         report.manifest_digest = digest;
         report.manifest_bytes += n;
@@ -412,17 +607,10 @@ impl RegistryClient {
         &self,
         r: &Reference,
         layers: Vec<PushLayer>,
+        config: Vec<u8>,
         kind: &str,
-    ) -> Result<(PushReport, Vec<u8>, BlobTransfer)> {
+    ) -> Result<(PushReport, Vec<u8>)> {
         let mut report = PushReport::default();
-        let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Labels": {KIND_ANNOTATION: kind}},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }))
-        .expect("json serializes");
         // Layers one after the other, the config beside them.
         let layers_up = async {
             let mut out = Vec::new();
@@ -434,32 +622,37 @@ impl RegistryClient {
         let (layers_up, cfg) =
             tokio::join!(layers_up, self.upload(r, IMAGE_CONFIG_MEDIA_TYPE, config));
         let (layers_up, cfg) = (layers_up?, cfg?);
-        let descs: Vec<Value> = layers_up
+        let descs = layers_up
             .iter()
-            .map(|t| json!({"mediaType": t.media_type, "digest": t.digest, "size": t.size}))
-            .collect();
+            .map(|t| descriptor(&t.media_type, &t.digest, t.size))
+            .collect::<Result<Vec<_>>>()?;
         report.blobs.extend(layers_up);
         report.blobs.push(cfg.clone());
-        let mut manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_IMAGE_MEDIA_TYPE,
-            "config": {"mediaType": IMAGE_CONFIG_MEDIA_TYPE, "digest": cfg.digest, "size": cfg.size},
-            "layers": descs,
-            "annotations": {KIND_ANNOTATION: kind},
-        });
+        let mut b = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(descriptor(IMAGE_CONFIG_MEDIA_TYPE, &cfg.digest, cfg.size)?)
+            .layers(descs)
+            .annotations(HashMap::from([(
+                KIND_ANNOTATION.to_owned(),
+                kind.to_owned(),
+            )]));
         if kind == "reference" {
-            manifest["artifactType"] = json!(REFERENCE_ARTIFACT_TYPE);
+            b = b.artifact_type(MediaType::Other(REFERENCE_ARTIFACT_TYPE.to_owned()));
         }
-        let body = serde_json::to_vec(&manifest).expect("json serializes");
-        Ok((report, body, cfg))
+        let manifest = b.build().map_err(spec_error)?;
+        let body = serde_json::to_vec(&manifest).map_err(spec_error)?;
+        Ok((report, body))
     }
 
     /// Pushes layer `top` of `store` as image `image`: [`LayerStore::diff`] (a snapshot,
-    /// O(1)) and a 2 KiB reference layer. With [`PushOptions::plain_export`], also the
-    /// plain image and an index of both under the tag.
+    /// O(1)) and a 2 KiB reference layer, with the config of [`PushOptions::config`].
+    /// With [`PushOptions::plain_export`], also the plain image (its tree as one
+    /// tar+gzip layer, see [`LayerStore::export_tar`]) and an index of both under the
+    /// tag, platform from the config.
     ///
     /// # Errors
-    /// Store errors from `diff`/`export_tree`; `Backend` for registry failures.
+    /// Store errors from `diff`/`export_tar`; `Backend` for registry failures.
     pub async fn push_image<B: Backend>(
         &self,
         store: &LayerStore<B>,
@@ -468,10 +661,16 @@ impl RegistryClient {
         options: &PushOptions,
     ) -> Result<PushReport> {
         let r = parse_ref(image)?;
+        self.prepare(&r).await?;
+        let base = options.config.clone().unwrap_or_else(default_config);
         let diff = store.diff(top).await?;
-        let (mut report, body, _) = self
-            .push_parts(&r, vec![PushLayer::reference(&diff)], "reference")
-            .await?;
+        let layer = PushLayer::reference(&diff);
+        let cfg = derive_config(
+            &base,
+            vec![layer.diff_id.clone()],
+            "slacker: image flattened into a snapshot reference",
+        )?;
+        let (mut report, body) = self.push_parts(&r, vec![layer], cfg, "reference").await?;
         if !options.plain_export {
             let (digest, n) = self.put_manifest(&r, OCI_IMAGE_MEDIA_TYPE, body).await?;
             report.manifest_digest = digest;
@@ -479,7 +678,7 @@ impl RegistryClient {
             return Ok(report);
         }
         let ref_digest = sha256_digest(&body);
-        let ref_size = body.len();
+        let ref_size = body.len() as u64;
         let (_, n) = self
             .put_manifest(&by_digest(&r, &ref_digest), OCI_IMAGE_MEDIA_TYPE, body)
             .await?;
@@ -489,19 +688,41 @@ impl RegistryClient {
         // The plain image: the volume's file tree as one tar+gzip layer.
         let scratch = tempfile::tempdir()
             .map_err(|e| Error::backend("oci", format!("scratch directory: {e}")))?;
-        let tree = scratch.path().join("tree");
-        std::fs::create_dir(&tree).map_err(|e| Error::backend("oci", e.to_string()))?;
-        store.export_tree(top, &tree).await?;
+        let tar_path = scratch.path().join("plain.tar");
+        let lossless = store.export_tar(top, &tar_path).await?;
+        report.plain_export_lossless = Some(lossless);
         let layer = tokio::task::spawn_blocking(move || -> Result<PushLayer> {
-            let tar = tar_tree(&tree)?;
-            Ok(PushLayer::tar_gzip(&tar, 6))
+            let io = |e: std::io::Error| Error::backend("oci", format!("plain export: {e}"));
+            let mut f = std::fs::File::open(&tar_path).map_err(io)?;
+            let mut hasher = Sha256::new();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                gz.write_all(&buf[..n]).map_err(io)?;
+            }
+            let data = gz.finish().map_err(io)?;
+            Ok(PushLayer::new(
+                IMAGE_LAYER_GZIP_MEDIA_TYPE,
+                data,
+                hex_digest(hasher.finalize().as_slice()),
+            ))
         })
         .await
         .map_err(oci_error)??;
-        let (plain, plain_body, _) = self.push_parts(&r, vec![layer], "plain").await?;
+        let cfg = derive_config(
+            &base,
+            vec![layer.diff_id.clone()],
+            "slacker: plain export of the flattened image",
+        )?;
+        let (plain, plain_body) = self.push_parts(&r, vec![layer], cfg, "plain").await?;
         report.blobs.extend(plain.blobs);
         let plain_digest = sha256_digest(&plain_body);
-        let plain_size = plain_body.len();
+        let plain_size = plain_body.len() as u64;
         let (_, n) = self
             .put_manifest(
                 &by_digest(&r, &plain_digest),
@@ -510,19 +731,40 @@ impl RegistryClient {
             )
             .await?;
         report.manifest_bytes += n;
-        let platform = json!({"architecture": "amd64", "os": "linux"});
-        let index = json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
-            "manifests": [
-                {"mediaType": OCI_IMAGE_MEDIA_TYPE, "digest": plain_digest, "size": plain_size,
-                 "platform": platform, "annotations": {KIND_ANNOTATION: "plain"}},
-                {"mediaType": OCI_IMAGE_MEDIA_TYPE, "digest": ref_digest, "size": ref_size,
-                 "platform": platform, "artifactType": REFERENCE_ARTIFACT_TYPE,
-                 "annotations": {KIND_ANNOTATION: "reference"}},
-            ],
-        });
-        let body = serde_json::to_vec(&index).expect("json serializes");
+        let platform = PlatformBuilder::default()
+            .architecture(base.architecture().clone())
+            .os(base.os().clone())
+            .build()
+            .map_err(spec_error)?;
+        let entry = |digest: &str, size: u64, kind: &str| -> Result<Descriptor> {
+            let mut b = DescriptorBuilder::default()
+                .media_type(MediaType::ImageManifest)
+                .digest(
+                    digest
+                        .parse::<oci_spec::image::Digest>()
+                        .map_err(spec_error)?,
+                )
+                .size(size)
+                .platform(platform.clone())
+                .annotations(HashMap::from([(
+                    KIND_ANNOTATION.to_owned(),
+                    kind.to_owned(),
+                )]));
+            if kind == "reference" {
+                b = b.artifact_type(MediaType::Other(REFERENCE_ARTIFACT_TYPE.to_owned()));
+            }
+            b.build().map_err(spec_error)
+        };
+        let index = ImageIndexBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageIndex)
+            .manifests(vec![
+                entry(&plain_digest, plain_size, "plain")?,
+                entry(&ref_digest, ref_size, "reference")?,
+            ])
+            .build()
+            .map_err(spec_error)?;
+        let body = serde_json::to_vec(&index).map_err(spec_error)?;
         let (digest, n) = self
             .put_manifest(&r, OCI_IMAGE_INDEX_MEDIA_TYPE, body)
             .await?;
@@ -534,50 +776,64 @@ impl RegistryClient {
 
     /// Fetches the image manifest of `image`. From an index, it picks the entry of kind
     /// `want` (`reference` or `plain`, by [`KIND_ANNOTATION`] or `artifactType`), or,
-    /// for `plain`, the first linux/amd64 entry.
+    /// for `plain`, the first entry for this host's platform.
     ///
     /// # Errors
     /// `NotFound` if the index has no such entry; `InvalidInput` for a malformed
-    /// manifest; `Backend` for registry failures.
+    /// manifest; `Integrity` for a manifest that does not match its digest; `Backend`
+    /// for registry failures.
     pub async fn pull_manifest(&self, image: &str, want: &str) -> Result<PulledManifest> {
         let r = parse_ref(image)?;
+        let auth = self.prepare(&r).await?;
         let (body, digest) = self
             .client
-            .pull_manifest_raw(&r, &self.auth, &MANIFEST_TYPES)
+            .pull_manifest_raw(&r, &auth, &MANIFEST_TYPES)
             .await
             .map_err(oci_error)?;
         let mut bytes = body.len() as u64;
-        let mut v: Value = serde_json::from_slice(&body)
+        let probe: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| Error::invalid(format!("manifest of {image}: {e}")))?;
         let mut digest = digest;
         let mut picked = None;
-        if v.get("manifests").is_some() {
-            let entries = v["manifests"].as_array().cloned().unwrap_or_default();
-            let kind_of = |e: &Value| -> String {
-                if e["annotations"][KIND_ANNOTATION].as_str() == Some("reference")
-                    || e["artifactType"].as_str() == Some(REFERENCE_ARTIFACT_TYPE)
+        let body = if probe.get("manifests").is_some() {
+            let index: ImageIndex = serde_json::from_slice(&body)
+                .map_err(|e| Error::invalid(format!("index of {image}: {e}")))?;
+            let kind_of = |e: &Descriptor| -> &'static str {
+                let annotated = e
+                    .annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(KIND_ANNOTATION))
+                    .map(String::as_str);
+                let artifact = e.artifact_type().as_ref().map(|t| t.to_string());
+                if annotated == Some("reference")
+                    || artifact.as_deref() == Some(REFERENCE_ARTIFACT_TYPE)
                 {
-                    "reference".to_owned()
+                    "reference"
                 } else {
-                    "plain".to_owned()
+                    "plain"
                 }
             };
-            let entry = entries
+            let host = (Arch::default(), Os::default());
+            let entry = index
+                .manifests()
                 .iter()
-                .find(|e| kind_of(e) == want && (want == "reference" || is_linux_amd64(e)))
+                .find(|e| {
+                    kind_of(e) == want
+                        && (want == "reference"
+                            || e.platform()
+                                .as_ref()
+                                .is_none_or(|p| (p.architecture().clone(), p.os().clone()) == host))
+                })
                 .ok_or_else(|| {
                     Error::not_found(
                         slacker_core::ObjectKind::Other,
                         format!("{want} manifest in the index of {image}"),
                     )
                 })?;
-            let d = entry["digest"]
-                .as_str()
-                .ok_or_else(|| Error::invalid("index entry without a digest"))?
-                .to_owned();
+            let d = entry.digest().to_string();
             let (body, _) = self
                 .client
-                .pull_manifest_raw(&by_digest(&r, &d), &self.auth, &MANIFEST_TYPES)
+                .pull_manifest_raw(&by_digest(&r, &d), &auth, &MANIFEST_TYPES)
                 .await
                 .map_err(oci_error)?;
             if sha256_digest(&body) != d {
@@ -586,19 +842,19 @@ impl RegistryClient {
                 )));
             }
             bytes += body.len() as u64;
-            v = serde_json::from_slice(&body)
-                .map_err(|e| Error::invalid(format!("manifest {d}: {e}")))?;
             digest = d;
             picked = Some(want.to_owned());
-        }
-        let config: OciDescriptor = serde_json::from_value(v["config"].clone())
-            .map_err(|e| Error::invalid(format!("manifest config: {e}")))?;
-        let layers: Vec<OciDescriptor> = serde_json::from_value(v["layers"].clone())
-            .map_err(|e| Error::invalid(format!("manifest layers: {e}")))?;
+            body
+        } else {
+            body
+        };
+        let manifest: ImageManifest = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("manifest {digest}: {e}")))?;
         Ok(PulledManifest {
             digest,
-            config,
-            layers,
+            config: manifest.config().clone(),
+            layers: manifest.layers().clone(),
+            manifest,
             bytes,
             picked_from_index: picked,
         })
@@ -607,24 +863,52 @@ impl RegistryClient {
     /// Downloads a blob of `image` into memory (digest-verified).
     ///
     /// # Errors
-    /// `Backend` for registry failures or a digest mismatch.
-    pub async fn pull_blob(&self, image: &str, desc: &OciDescriptor) -> Result<Vec<u8>> {
+    /// `Integrity` for a digest mismatch; `Backend` for registry failures.
+    pub async fn pull_blob(&self, image: &str, desc: &Descriptor) -> Result<Vec<u8>> {
         let r = parse_ref(image)?;
-        let mut out = Vec::with_capacity(usize::try_from(desc.size).unwrap_or(0).min(1 << 30));
+        self.prepare(&r).await?;
+        let mut out = Vec::with_capacity(usize::try_from(desc.size()).unwrap_or(0).min(1 << 30));
         self.client
-            .pull_blob(&r, desc, &mut out)
+            .pull_blob(&r, &to_client_desc(desc), &mut out)
             .await
-            .map_err(oci_error)?;
+            .map_err(blob_error)?;
+        if sha256_digest(&out) != desc.digest().to_string() {
+            return Err(Error::Integrity(format!(
+                "blob {} does not match its digest",
+                desc.digest()
+            )));
+        }
         Ok(out)
     }
 
-    /// Pulls `image` into `store`: manifest (the slacker entry of an index, else the
-    /// plain one), config, then each layer not already in the store, applied with
-    /// [`LayerStore::apply_diff`] under its chain id. Reference layers are recorded
-    /// lazily (no data moves); traditional layers are unpacked.
+    /// Fetches and parses the config of `image` (the plain entry of an index, else its
+    /// manifest's).
     ///
     /// # Errors
-    /// Registry failures (`Backend`), malformed manifests (`InvalidInput`), and the
+    /// As [`pull_manifest`](Self::pull_manifest) and [`pull_blob`](Self::pull_blob);
+    /// `InvalidInput` for a malformed config.
+    pub async fn pull_config(&self, image: &str) -> Result<ImageConfiguration> {
+        let m = match self.pull_manifest(image, "reference").await {
+            Err(e) if e.kind() == slacker_core::ErrorKind::NotFound => {
+                self.pull_manifest(image, "plain").await?
+            }
+            other => other?,
+        };
+        let bytes = self.pull_blob(image, &m.config).await?;
+        ImageConfiguration::from_reader(&bytes[..])
+            .map_err(|e| Error::invalid(format!("image config of {image}: {e}")))
+    }
+
+    /// Pulls `image` into `store`: manifest (the slacker entry of an index, else the
+    /// plain one), config, then every layer not already in the store is downloaded and
+    /// verified (its digest, and its uncompressed digest against the config's
+    /// `diff_ids`) before any is applied with [`LayerStore::apply_diff`] under its
+    /// chain id. Reference layers are recorded lazily (no data moves); traditional
+    /// layers are unpacked.
+    ///
+    /// # Errors
+    /// Registry failures (`Backend`), malformed manifests or configs (`InvalidInput`),
+    /// blobs or configs that do not match (`Integrity`: nothing is recorded), and the
     /// errors of `apply_diff`.
     pub async fn pull_image<B: Backend>(
         &self,
@@ -641,129 +925,184 @@ impl RegistryClient {
             return Err(Error::invalid(format!("image {image} has no layers")));
         }
         let config = self.pull_blob(image, &m.config).await?;
-        let cfg: Value = serde_json::from_slice(&config)
-            .map_err(|e| Error::invalid(format!("image config: {e}")))?;
-        let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|d| d.as_str().map(str::to_owned))
-                    .collect()
+        let cfg = ImageConfiguration::from_reader(&config[..])
+            .map_err(|e| Error::invalid(format!("image config of {image}: {e}")))?;
+        let diff_ids = cfg.rootfs().diff_ids().clone();
+        if diff_ids.len() != m.layers.len() {
+            return Err(Error::Integrity(format!(
+                "the config of {image} lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                m.layers.len()
+            )));
+        }
+        // Ids (chain ids) and what must be downloaded.
+        let mut ids = Vec::new();
+        let mut chain: Option<String> = None;
+        for (desc, diff_id) in m.layers.iter().zip(&diff_ids) {
+            let mt = desc.media_type().to_string();
+            if !LAYER_MEDIA_TYPES.contains(&mt.as_str()) {
+                return Err(Error::invalid(format!(
+                    "layer {} has unsupported media type {mt}",
+                    desc.digest()
+                )));
+            }
+            let next = match &chain {
+                None => diff_id.clone(),
+                Some(c) => sha256_digest(format!("{c} {diff_id}").as_bytes()),
+            };
+            ids.push(next.trim_start_matches("sha256:").to_owned());
+            chain = Some(next);
+        }
+        // Download and verify everything missing before anything is recorded.
+        let mut blobs: BTreeMap<usize, Blob> = BTreeMap::new();
+        for (i, desc) in m.layers.iter().enumerate() {
+            if store.exists(&ids[i]).await? {
+                continue;
+            }
+            let blob = if desc.size() > SPOOL_ABOVE {
+                Blob::File(self.spool(image, desc).await?)
+            } else {
+                Blob::Memory(self.pull_blob(image, desc).await?)
+            };
+            let (blob, got) = tokio::task::spawn_blocking(move || {
+                let d = diff_id_of(&blob);
+                (blob, d)
             })
-            .unwrap_or_default();
+            .await
+            .map_err(oci_error)?;
+            let got = got?;
+            if got != diff_ids[i] {
+                return Err(Error::Integrity(format!(
+                    "layer {} uncompresses to {got}, but the config says {}",
+                    desc.digest(),
+                    diff_ids[i]
+                )));
+            }
+            blobs.insert(i, blob);
+        }
         let mut report = PullReport {
             manifest_digest: m.digest.clone(),
             picked_from_index: m.picked_from_index.clone(),
             manifest_bytes: m.bytes,
             config_bytes: config.len() as u64,
+            config: cfg,
             ..PullReport::default()
         };
-        let mut chain: Option<String> = None;
         let mut parent: Option<String> = None;
         for (i, desc) in m.layers.iter().enumerate() {
-            if !LAYER_MEDIA_TYPES.contains(&desc.media_type.as_str()) {
-                return Err(Error::invalid(format!(
-                    "layer {} has unsupported media type {}",
-                    desc.digest, desc.media_type
-                )));
-            }
-            let diff_id = match diff_ids.get(i) {
-                Some(d) if diff_ids.len() == m.layers.len() => d.clone(),
-                _ => desc.digest.clone(),
-            };
-            let next = match &chain {
-                None => diff_id,
-                Some(c) => sha256_digest(format!("{c} {diff_id}").as_bytes()),
-            };
-            let id = next.trim_start_matches("sha256:").to_owned();
-            let size = u64::try_from(desc.size).unwrap_or(0);
-            let (transferred, kind) = if store.exists(&id).await? {
-                (false, store.layer(&id).await?.kind)
-            } else {
-                let applied = if size > SPOOL_ABOVE {
-                    let file = self.spool(image, desc).await?;
-                    store.apply_diff(&id, parent.as_deref(), file).await?
-                } else {
-                    let data = self.pull_blob(image, desc).await?;
-                    store
-                        .apply_diff(&id, parent.as_deref(), std::io::Cursor::new(data))
-                        .await?
-                };
-                (true, applied.kind)
+            let id = ids[i].clone();
+            let (transferred, kind, losses) = match blobs.remove(&i) {
+                None => (false, store.layer(&id).await?.kind, Vec::new()),
+                Some(blob) => {
+                    let applied = match blob {
+                        Blob::Memory(data) => {
+                            store
+                                .apply_diff(&id, parent.as_deref(), std::io::Cursor::new(data))
+                                .await?
+                        }
+                        Blob::File(f) => store.apply_diff(&id, parent.as_deref(), f).await?,
+                    };
+                    (true, applied.kind, applied.losses)
+                }
             };
             report.layers.push(PulledLayer {
                 id: id.clone(),
                 blob: BlobTransfer {
-                    digest: desc.digest.clone(),
-                    media_type: desc.media_type.clone(),
-                    size,
+                    digest: desc.digest().to_string(),
+                    media_type: desc.media_type().to_string(),
+                    size: desc.size(),
                     transferred,
                 },
                 kind,
+                losses,
             });
-            chain = Some(next);
             parent = Some(id);
         }
         report.top_layer = parent.expect("at least one layer");
         Ok(report)
     }
 
-    /// Downloads a large blob into an unlinked temporary file.
-    async fn spool(&self, image: &str, desc: &OciDescriptor) -> Result<std::fs::File> {
+    /// Downloads a large blob into an unlinked temporary file (digest-verified by the
+    /// client).
+    async fn spool(&self, image: &str, desc: &Descriptor) -> Result<std::fs::File> {
         let r = parse_ref(image)?;
+        self.prepare(&r).await?;
         let file = tempfile::tempfile().map_err(|e| Error::backend("oci", e.to_string()))?;
         let mut out = tokio::fs::File::from_std(
             file.try_clone()
                 .map_err(|e| Error::backend("oci", e.to_string()))?,
         );
         self.client
-            .pull_blob(&r, desc, &mut out)
+            .pull_blob(&r, &to_client_desc(desc), &mut out)
             .await
-            .map_err(oci_error)?;
+            .map_err(blob_error)?;
+        tokio::io::AsyncWriteExt::flush(&mut out)
+            .await
+            .map_err(|e| Error::backend("oci", e.to_string()))?;
         drop(out);
         let mut file = file;
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
+        file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| Error::backend("oci", e.to_string()))?;
         Ok(file)
     }
 }
 
-fn is_linux_amd64(e: &Value) -> bool {
-    e["platform"]["os"].as_str() == Some("linux")
-        && e["platform"]["architecture"].as_str() == Some("amd64")
+/// `sha256:` of a layer blob's uncompressed content (its `diff_id`); the blob is
+/// rewound afterwards.
+fn diff_id_of(blob: &Blob) -> Result<String> {
+    fn digest<R: Read + Send>(r: R) -> Result<String> {
+        let mut r = r;
+        let head = slacker_core::layer::traditional::read_prefix(&mut r, 6)?;
+        let mut d = slacker_core::layer::traditional::decompress(head, r)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = d
+                .read(&mut buf)
+                .map_err(|e| Error::invalid(format!("layer stream: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex_digest(h.finalize().as_slice()))
+    }
+    match blob {
+        Blob::Memory(v) => digest(&v[..]),
+        Blob::File(f) => {
+            let mut f2 = f
+                .try_clone()
+                .map_err(|e| Error::backend("oci", e.to_string()))?;
+            f2.seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| Error::backend("oci", e.to_string()))?;
+            let d = digest(std::io::BufReader::new(&mut f2));
+            f2.seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| Error::backend("oci", e.to_string()))?;
+            d
+        }
+    }
 }
 
-/// A tar of the tree under `dir` (sorted, owners and modes kept, for the plain export).
+/// Installs the process-wide rustls crypto provider (`ring`) once, when rustls is the
+/// TLS backend.
+fn install_tls_provider() {
+    #[cfg(feature = "rustls")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // Another component may have installed one already: keep it.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+    }
+}
+
+/// A tar of the tree under `dir` for the plain export (see
+/// [`slacker_core::layer::archive::TreeTar`]: every attribute kept).
 ///
 /// # Errors
 /// `Backend` for IO errors.
 pub fn tar_tree(dir: &Path) -> Result<Vec<u8>> {
-    let io = |e: std::io::Error| Error::backend("oci", format!("tar of {}: {e}", dir.display()));
-    let mut b = tar::Builder::new(Vec::new());
-    b.mode(tar::HeaderMode::Complete);
-    b.follow_symlinks(false);
-    let mut stack = vec![std::path::PathBuf::new()];
-    let mut entries: BTreeMap<std::path::PathBuf, ()> = BTreeMap::new();
-    while let Some(rel) = stack.pop() {
-        let mut names: Vec<_> = std::fs::read_dir(dir.join(&rel))
-            .map_err(io)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .map_err(io)?;
-        names.sort();
-        for n in names {
-            let p = rel.join(n);
-            if std::fs::symlink_metadata(dir.join(&p))
-                .map_err(io)?
-                .is_dir()
-            {
-                stack.push(p.clone());
-            }
-            entries.insert(p, ());
-        }
-    }
-    for p in entries.keys() {
-        b.append_path_with_name(dir.join(p), p).map_err(io)?;
-    }
-    b.into_inner().map_err(io)
+    let mut t = slacker_core::layer::archive::TreeTar::new(Vec::new());
+    t.append_tree(dir, &["lost+found"])?;
+    t.finish()
 }

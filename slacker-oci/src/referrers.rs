@@ -419,7 +419,8 @@ impl RegistryClient {
                 layer.media_type, layer.size
             )));
         }
-        let blob = self.pull_blob(image, layer).await?;
+        let desc = crate::descriptor(&layer.media_type, &layer.digest, layer.size as u64)?;
+        let blob = self.pull_blob(image, &desc).await?;
         if sha256_digest(&blob) != layer.digest {
             return Err(Error::Integrity(format!(
                 "trace blob {} does not match its digest",

@@ -61,19 +61,28 @@ async fn a_trace_is_attached_found_and_leaves_the_image_unchanged() {
     assert_eq!(got.manifest_digest, pushed.manifest_digest);
 
     // The fallback tag is an image index listing the artifact with its artifactType.
-    let idx = c
-        .inner()
-        .pull_referrers(
-            &format!("{}@{}", image.rsplit_once(':').unwrap().0, before.digest)
-                .parse()
-                .unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(idx.manifests.len(), 1);
+    // Read it as any registry client would (curl: the test does not reach into slacker-oci).
+    let (host_repo, _) = image.rsplit_once(':').unwrap();
+    let (host, repo) = host_repo.split_once('/').unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-fsS",
+            "-H",
+            "Accept: application/vnd.oci.image.index.v1+json",
+            &format!("http://{host}/v2/{repo}/manifests/{}", pushed.fallback_tag),
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let idx: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifests = idx["manifests"].as_array().expect("an image index");
+    assert_eq!(manifests.len(), 1);
     assert_eq!(
-        idx.manifests[0].artifact_type.as_deref(),
+        manifests[0]["artifactType"].as_str(),
         Some(TRACE_ARTIFACT_TYPE)
     );
 

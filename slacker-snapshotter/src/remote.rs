@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use slacker_core::layer::reference::{MAX_DOCUMENT_BYTES, Reference};
-use slacker_oci::{ClientOptions, RegistryClient};
 
 /// The largest layer taken for a reference layer: a reference tar is about 2 KiB; a
 /// bigger blob is a standard layer and its download stops here.
@@ -93,10 +92,15 @@ impl Remote {
             return Err(RemoteError::BadLabels(format!("layer digest {digest:?}")));
         }
         let plain = self.plain_http.iter().any(|h| h == r.registry());
-        let client = RegistryClient::new(if plain {
-            ClientOptions::plain_http()
-        } else {
-            ClientOptions::default()
+        // oci-client directly (slacker-oci keeps it private): the capped sink below needs
+        // the streaming blob call, so a standard layer is abandoned after 64 KiB.
+        let client = oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: if plain {
+                oci_client::client::ClientProtocol::Http
+            } else {
+                oci_client::client::ClientProtocol::Https
+            },
+            ..Default::default()
         });
         let by_digest = oci_client::Reference::with_digest(
             r.registry().to_owned(),
@@ -104,7 +108,7 @@ impl Remote {
             digest.to_owned(),
         );
         let mut out = Capped(Vec::new());
-        match client.inner().pull_blob(&by_digest, digest, &mut out).await {
+        match client.pull_blob(&by_digest, digest, &mut out).await {
             Ok(()) => {}
             Err(oci_client::errors::OciDistributionError::IoError(e))
                 if e.kind() == std::io::ErrorKind::FileTooLarge =>

@@ -227,6 +227,7 @@ fn ctr_pulls_and_runs_standard_and_slacker_images() {
     rt.block_on(client.push_layers(
         &standard,
         vec![PushLayer::tar_gzip(&l1, 6), PushLayer::tar_gzip(&l2, 6)],
+        None,
     ))
     .expect("push the standard image");
     // The image's tree: lower, then upper, minus the whiteout.
@@ -260,7 +261,7 @@ fn ctr_pulls_and_runs_standard_and_slacker_images() {
         store.import_dir("busybox", &lower).await.unwrap();
         let diff = store.diff("busybox").await.unwrap();
         let report = client
-            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())])
+            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())], None)
             .await
             .expect("push the slacker image");
         report.layer_bytes_uploaded()
@@ -390,8 +391,12 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
     let root = dir.join("rootfs");
     busybox_root(&root);
     let small = format!("{addr}/slk/small:1");
-    rt.block_on(client.push_layers(&small, vec![PushLayer::tar_gzip(&layer_tar(&root, &[]), 1)]))
-        .unwrap();
+    rt.block_on(client.push_layers(
+        &small,
+        vec![PushLayer::tar_gzip(&layer_tar(&root, &[]), 1)],
+        None,
+    ))
+    .unwrap();
     // A second image with a 96 MiB layer, so that a pull takes long enough to be killed.
     let big = dir.join("big");
     std::fs::create_dir_all(big.join("opt")).unwrap();
@@ -406,6 +411,7 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
             PushLayer::tar_gzip(&layer_tar(&root, &[]), 1),
             PushLayer::tar(layer_tar(&big, &[])),
         ],
+        None,
     ))
     .unwrap();
 
@@ -602,6 +608,7 @@ fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
             PushLayer::tar_gzip(&layer_tar(&lower, &[]), 6),
             PushLayer::tar_gzip(&layer_tar(&upper, &["etc/gone"]), 6),
         ],
+        None,
     ))
     .expect("push the standard image");
     let expected = dir.join("expected");
@@ -652,7 +659,7 @@ fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
         store.import_dir("busybox", &lower).await.unwrap();
         let diff = store.diff("busybox").await.unwrap();
         client
-            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())])
+            .push_layers(&slacker_image, vec![PushLayer::tar(diff.tar.clone())], None)
             .await
             .expect("push the slacker image")
             .layer_bytes_uploaded()

@@ -123,7 +123,11 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
         let ref_digest = sha256_digest(&diff.tar);
         let std_digest = sha256_digest(&standard.data);
         client
-            .push_layers(&image, vec![PushLayer::tar(diff.tar.clone()), standard])
+            .push_layers(
+                &image,
+                vec![PushLayer::tar(diff.tar.clone()), standard],
+                None,
+            )
             .await
             .expect("push the image");
         (ref_digest, std_digest)

@@ -27,6 +27,7 @@ pub mod checks;
 pub mod crash;
 pub mod faulty;
 pub mod model;
+pub mod tree;
 
 /// A boxed future returned by the generated check wrappers.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,5 +1,6 @@
 //! ext4 images through e2fsprogs: `mke2fs -d` builds one from a directory tree,
-//! `debugfs` reads one back (`rdump`, `cat`) and adds device nodes and fifos.
+//! `debugfs` reads one back (`rdump`, `cat`) and adds device nodes and fifos; and, as
+//! root, [`Mounted`]: an image loop-mounted for a layer to be applied in place.
 //!
 //! The tools run as child processes on image *files* (no mount, no root needed); the
 //! layer store calls these from `spawn_blocking`. `debugfs -R 'rdump / dir'` dumps
@@ -7,7 +8,9 @@
 //! and times; it does not dump device nodes, fifos or sockets, and it dumps hard-linked
 //! files as separate copies. A traditional layer applied on top of an ext4 parent
 //! therefore loses the parent's device nodes and fifos and its hard-link identity (the
-//! layer's own are kept): this is the fallback path, reference layers keep everything.
+//! layer's own are kept): this is the unprivileged fallback path (reported in
+//! [`AppliedLayer::losses`](super::AppliedLayer::losses)); as root the layer store
+//! mounts a clone of the parent instead and keeps everything.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -237,4 +240,133 @@ pub fn estimate_size(file_bytes: u64, entries: u64) -> u64 {
         .saturating_add(entries.saturating_mul(8192))
         .saturating_add(16 << 20);
     raw.div_ceil(1 << 20).saturating_mul(1 << 20)
+}
+
+/// Formats the existing file `image` (its whole size, 4 KiB blocks) as an empty ext4
+/// filesystem with room for at least `entries` inodes (and no fewer than one per 16
+/// KiB). The file is not truncated: it may be a backend's volume file.
+///
+/// # Errors
+/// `Config` if mke2fs is missing; `InvalidInput` if mke2fs fails.
+pub fn format(image: &Path, entries: u64) -> Result<()> {
+    let size = fs::metadata(image)
+        .map_err(|e| Error::backend("ext4", format!("stat {}: {e}", image.display())))?
+        .len();
+    let inodes = (size / 16384).max(entries + entries / 4 + 1024);
+    let out = run(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N"])
+            .arg(inodes.to_string())
+            .arg(image),
+        "mke2fs",
+    )?;
+    if !out.status.success() {
+        return Err(Error::invalid(format!(
+            "mke2fs could not format a {size}-byte ext4 image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// An ext4 image file loop-mounted read-write (root only), for applying a layer in
+/// place. Mounted `nosuid,nodev,noexec`: nothing in it runs or opens devices while it
+/// is being written. [`unmount`](Self::unmount) syncs and unmounts; dropping the guard
+/// unmounts too (lazily if busy), so an error path never leaves a mount behind.
+#[derive(Debug)]
+pub struct Mounted {
+    dir: PathBuf,
+    active: bool,
+}
+
+impl Mounted {
+    /// Mounts the ext4 in `image` on the existing empty directory `dir` with
+    /// `mount -t ext4 -o loop` (the loop device is released on unmount).
+    ///
+    /// # Errors
+    /// `InvalidInput` if `image` holds no ext4; `Config` if `mount` is missing;
+    /// `Backend` if mounting fails (for example without root).
+    pub fn mount(image: &Path, dir: &Path) -> Result<Self> {
+        let mut head = [0u8; 2048];
+        File::open(image)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .map_err(|e| Error::backend("ext4", format!("read {}: {e}", image.display())))?;
+        if !is_ext4(&head) {
+            return Err(Error::invalid(
+                "the parent volume does not hold an ext4 filesystem",
+            ));
+        }
+        let out = Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noexec"])
+            .arg(image)
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::Config(format!("mount: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::backend(
+                "ext4",
+                format!(
+                    "mount -o loop {}: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            active: true,
+        })
+    }
+
+    /// The mounted filesystem's root.
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Syncs and unmounts.
+    ///
+    /// # Errors
+    /// `Backend` if `umount` fails (the guard then detaches lazily when dropped).
+    pub fn unmount(mut self) -> Result<()> {
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = rustix::fs::syncfs(&d);
+        }
+        let out = Command::new("umount")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::Config(format!("umount: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::backend(
+                "ext4",
+                format!(
+                    "umount {}: {}",
+                    self.dir.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        self.active = false;
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.active {
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.dir)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }

@@ -36,6 +36,7 @@
 //! `name`); volume and holder names are prefixed with the store name, which must
 //! therefore be unique among the stores sharing a backend.
 
+pub mod archive;
 pub mod ext4;
 pub mod reference;
 pub mod traditional;
@@ -82,6 +83,69 @@ pub struct LayerStoreOptions {
     pub tar: TarOptions,
     /// Where traditional layers are unpacked (default: the system temp directory).
     pub scratch_dir: Option<PathBuf>,
+    /// How traditional layers are applied. Default [`ApplyMode::Auto`].
+    pub apply: ApplyMode,
+}
+
+/// How [`LayerStore::apply_diff`] applies a traditional layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApplyMode {
+    /// [`Mounted`](Self::Mounted) when the process runs as root, else
+    /// [`Rebuilt`](Self::Rebuilt).
+    #[default]
+    Auto,
+    /// Root only: clone the parent, loop-mount its ext4 and apply the tar in place.
+    /// Lossless and O(layer) (on a backend with [`local_path`](crate::Backend::local_path);
+    /// others are written back block by block, O(image) reads).
+    Mounted,
+    /// Extract the parent with `debugfs rdump`, unpack the layer over it in a scratch
+    /// directory and rebuild the whole image with `mke2fs -d`: needs no privilege,
+    /// O(image) per layer, and loses what [`Loss`] lists (reported in
+    /// [`AppliedLayer::losses`]).
+    Rebuilt,
+}
+
+/// How a layer was applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApplyMethod {
+    /// A reference layer: recorded lazily, nothing unpacked.
+    Reference,
+    /// A traditional layer applied into the mounted ext4 of a clone of its parent.
+    Mounted,
+    /// A traditional layer unpacked in a scratch directory and rebuilt with `mke2fs -d`.
+    Rebuilt,
+}
+
+/// Something a traditional layer lost on the [rebuild](ApplyMode::Rebuilt) path (never
+/// on the mounted one, except what the target filesystem refused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Loss {
+    /// Owners could not be set (not root): `entries` belong to the unpacking user.
+    Owners {
+        /// Entries affected.
+        entries: u64,
+    },
+    /// Extended attributes refused (privileged names without root, or unsupported).
+    Xattrs {
+        /// Attributes dropped.
+        count: u64,
+    },
+    /// `mke2fs -d` keeps whole seconds: entries whose timestamps had a sub-second part.
+    SubsecondTimes {
+        /// Entries affected.
+        entries: u64,
+    },
+    /// Device nodes added afterwards with `debugfs`: their timestamps are not kept.
+    DeviceTimes {
+        /// Device nodes affected.
+        entries: u64,
+    },
+    /// The parent's tree was read back with `debugfs rdump`, which drops its device
+    /// nodes, fifos and sockets, its hard-link identity and sub-second timestamps.
+    ParentTree,
 }
 
 impl Default for LayerStoreOptions {
@@ -91,6 +155,7 @@ impl Default for LayerStoreOptions {
             volume_size: 1 << 30,
             tar: TarOptions::default(),
             scratch_dir: None,
+            apply: ApplyMode::Auto,
         }
     }
 }
@@ -116,6 +181,11 @@ impl LayerStoreOptions {
     /// Sets [`scratch_dir`](Self::scratch_dir).
     pub fn with_scratch_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.scratch_dir = Some(dir.into());
+        self
+    }
+    /// Sets [`apply`](Self::apply).
+    pub fn with_apply_mode(mut self, mode: ApplyMode) -> Self {
+        self.apply = mode;
         self
     }
 }
@@ -181,6 +251,10 @@ pub struct AppliedLayer {
     pub tar_bytes: u64,
     /// Regular-file bytes unpacked (0 for a reference layer).
     pub file_bytes: u64,
+    /// How it was applied.
+    pub method: ApplyMethod,
+    /// What was not kept (empty for reference layers and mounted applies as root).
+    pub losses: Vec<Loss>,
 }
 
 /// An operation in flight, recorded before the backend is touched.
@@ -306,6 +380,7 @@ struct Built {
     size: u64,
     tar_bytes: u64,
     file_bytes: u64,
+    losses: Vec<Loss>,
 }
 
 /// What the first bytes of a layer said it is.
@@ -896,16 +971,23 @@ impl<B: Backend> LayerStore<B> {
     /// A [reference layer](mod@reference) (recognized by its first tar header, also inside
     /// gzip/zstd) records a **lazy** layer: the snapshot is checked (`stat` + metadata
     /// digest) and held; nothing is cloned and no data is read. Anything else is a
-    /// [traditional layer](traditional): it is unpacked, with whiteouts, over the parent's
-    /// file tree in a scratch directory, built into an ext4 image (`mke2fs -d`), written
-    /// into a clone of the parent's snapshot (only blocks that differ) or a fresh volume,
-    /// and snapshotted. The whole stream is read and checked before the store changes.
+    /// [traditional layer](traditional), applied as [`LayerStoreOptions::apply`] says:
+    /// as root ([`ApplyMode::Mounted`]) the whole stream is first read and checked into
+    /// a scratch file, then the parent's snapshot is cloned (or a fresh volume formatted),
+    /// its ext4 loop-mounted and the tar applied in place with every attribute kept
+    /// (O(layer)); without root ([`ApplyMode::Rebuilt`]) it is unpacked, with whiteouts,
+    /// over the parent's file tree in a scratch directory, built into an ext4 image
+    /// (`mke2fs -d`), written into a clone of the parent's snapshot (only blocks that
+    /// differ) or a fresh volume, and what that loses is listed in
+    /// [`AppliedLayer::losses`]. Either way the result is snapshotted and held; a failure
+    /// rolls back the work volume.
     ///
     /// # Errors
     /// `AlreadyExists` if the layer exists; `NotFound` for an unknown parent or snapshot;
     /// `InvalidInput` for a malformed or hostile layer, or a traditional layer over a
     /// parent that is not ext4; `Integrity` when a referenced snapshot does not match its
-    /// digest; `Config` without e2fsprogs. Nothing stored changes on error.
+    /// digest; `Config` without e2fsprogs; `Backend` when mounting fails or the layer
+    /// does not fit the parent's volume. Nothing stored changes on error.
     pub async fn apply_diff<R: Read + Send + 'static>(
         &self,
         id: &str,
@@ -925,6 +1007,14 @@ impl<B: Backend> LayerStore<B> {
         match sniffed {
             Sniffed::Reference(r) => self.apply_reference(id, parent, r).await,
             Sniffed::Traditional(stream) => {
+                let mounted = match self.options.apply {
+                    ApplyMode::Mounted => true,
+                    ApplyMode::Rebuilt => false,
+                    ApplyMode::Auto => rustix::process::geteuid().is_root(),
+                };
+                if mounted {
+                    return self.apply_mounted(id, parent, stream).await;
+                }
                 let built = self.build(stream, origin.as_ref()).await?;
                 let applied = self.install(id, parent, built).await?;
                 Ok(applied)
@@ -976,6 +1066,8 @@ impl<B: Backend> LayerStore<B> {
             size: r.size,
             tar_bytes: 0,
             file_bytes: 0,
+            method: ApplyMethod::Reference,
+            losses: Vec::new(),
         })
     }
 
@@ -1027,12 +1119,37 @@ impl<B: Backend> LayerStore<B> {
             Ok((size, unpacked))
         })
         .await?;
+        let mut losses = Vec::new();
+        if unpacked.losses.owners > 0 {
+            losses.push(Loss::Owners {
+                entries: unpacked.losses.owners,
+            });
+        }
+        if unpacked.losses.xattrs > 0 {
+            losses.push(Loss::Xattrs {
+                count: unpacked.losses.xattrs,
+            });
+        }
+        if unpacked.subsecond_times > 0 {
+            losses.push(Loss::SubsecondTimes {
+                entries: unpacked.subsecond_times,
+            });
+        }
+        if !unpacked.specials.is_empty() {
+            losses.push(Loss::DeviceTimes {
+                entries: unpacked.specials.len() as u64,
+            });
+        }
+        if origin.is_some() {
+            losses.push(Loss::ParentTree);
+        }
         Ok(Built {
             _scratch: scratch,
             image,
             size,
             tar_bytes: unpacked.tar_bytes,
             file_bytes: unpacked.file_bytes,
+            losses,
         })
     }
 
@@ -1102,50 +1219,217 @@ impl<B: Backend> LayerStore<B> {
                 }
             }
             self.write_image(&vol, &built.image, built.size, origin.is_some())
-                .await?;
-            self.backend.flush(&vol).await?;
-            self.backend.snapshot(&vol).await
+                .await
         };
-        let snap = match made.await {
-            Ok(s) => s,
-            Err(e) => return Err(self.abort(&mut inner, rec, e).await),
-        };
-        // The first import hashes the written blocks once (incrementally from the parent's
-        // tree when there is one), so every later push of a clone is O(written).
-        let merkle = async {
-            let stat = self.backend.stat_snapshot(&snap).await?;
-            self.build_merkle(&inner, &stat).await
-        };
-        let merkle = match merkle.await {
-            Ok(m) => m,
-            Err(e) => {
-                rec.snapshot = Some(snap.clone()); // minted here: the rollback removes it
-                return Err(self.abort(&mut inner, rec, e).await);
-            }
-        };
-        rec.snapshot = Some(snap.clone());
-        rec.merkle = Some(merkle.clone());
-        self.write_record(&mut inner, &rec).await?;
-        let finish = async {
-            self.backend.hold_snapshot(&snap, &self.key(id)).await?;
-            self.backend
-                .hold_snapshot(&merkle.tree, &self.key(id))
-                .await?;
-            self.backend.remove_volume(&vol).await
-        };
-        if let Err(e) = finish.await {
+        if let Err(e) = made.await {
             return Err(self.abort(&mut inner, rec, e).await);
         }
-        rec.volume = false;
-        rec.pending = None;
-        self.write_record(&mut inner, &rec).await?;
+        let snap = self.seal(&mut inner, &mut rec, &vol).await?;
         Ok(AppliedLayer {
             kind: LayerKind::Unpacked,
             snapshot: snap,
             size: built.size,
             tar_bytes: built.tar_bytes,
             file_bytes: built.file_bytes,
+            method: ApplyMethod::Rebuilt,
+            losses: built.losses,
         })
+    }
+
+    /// Finishes an unpacked layer whose volume holds its content: flush, snapshot, hold
+    /// the snapshot, drop the work volume, settle the record. Rolls back on failure.
+    async fn seal(
+        &self,
+        inner: &mut Inner,
+        rec: &mut Record,
+        vol: &VolumeId,
+    ) -> Result<SnapshotId> {
+        let made = async {
+            self.backend.flush(vol).await?;
+            self.backend.snapshot(vol).await
+        };
+        let snap = match made.await {
+            Ok(s) => s,
+            Err(e) => return Err(self.abort(inner, rec.clone(), e).await),
+        };
+        // The first import hashes the written blocks once (incrementally from the parent's
+        // tree when there is one), so every later push of a clone is O(written).
+        let merkle = async {
+            let stat = self.backend.stat_snapshot(&snap).await?;
+            self.build_merkle(inner, &stat).await
+        };
+        let merkle = match merkle.await {
+            Ok(m) => m,
+            Err(e) => {
+                rec.snapshot = Some(snap.clone()); // minted here: the rollback removes it
+                return Err(self.abort(inner, rec.clone(), e).await);
+            }
+        };
+        rec.snapshot = Some(snap.clone());
+        rec.merkle = Some(merkle.clone());
+        self.write_record(inner, rec).await?;
+        let finish = async {
+            self.backend
+                .hold_snapshot(&snap, &self.key(&rec.id))
+                .await?;
+            self.backend
+                .hold_snapshot(&merkle.tree, &self.key(&rec.id))
+                .await?;
+            self.backend.remove_volume(vol).await
+        };
+        if let Err(e) = finish.await {
+            return Err(self.abort(inner, rec.clone(), e).await);
+        }
+        rec.volume = false;
+        rec.pending = None;
+        self.write_record(inner, rec).await?;
+        Ok(snap)
+    }
+
+    /// Applies a traditional layer in place (root): spool and check the whole stream,
+    /// clone the parent (or create and format a fresh volume), loop-mount its ext4,
+    /// unpack into it with [`traditional::unpack_mounted`], unmount, seal.
+    async fn apply_mounted(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        stream: Box<dyn Read + Send>,
+    ) -> Result<AppliedLayer> {
+        let scratch = self.scratch()?;
+        let tar_path = scratch.path().join("layer.tar");
+        let opts = self.options.tar.clone();
+        let tp = tar_path.clone();
+        let spooled = blocking(move || traditional::spool(stream, &tp, &opts)).await?;
+        let mut inner = self.inner.lock().await;
+        self.check(&inner)?;
+        self.absent(&inner, id)?;
+        let origin = match parent {
+            Some(p) => Some(self.parent_snapshot(&inner, p)?),
+            None => None,
+        };
+        let size = match &origin {
+            Some((_, size)) => *size,
+            None => self
+                .options
+                .volume_size
+                .max(ext4::estimate_size(spooled.file_bytes, spooled.entries)),
+        };
+        let vol = self.volume_id(id)?;
+        self.volume_must_be_free(&vol).await?;
+        let mut rec = Record {
+            version: RECORD_VERSION,
+            id: id.to_owned(),
+            parent: parent.map(str::to_owned),
+            kind: LayerKind::Unpacked,
+            snapshot: None,
+            volume: true,
+            size,
+            pending: Some(Pending::Create),
+            merkle: None,
+        };
+        self.write_record(&mut inner, &rec).await?;
+        let filled = self
+            .fill_mounted(
+                &vol,
+                origin.as_ref(),
+                size,
+                spooled.entries,
+                &tar_path,
+                scratch.path(),
+            )
+            .await;
+        let unpacked = match filled {
+            Ok(u) => u,
+            Err(e) => return Err(self.abort(&mut inner, rec, e).await),
+        };
+        let snap = self.seal(&mut inner, &mut rec, &vol).await?;
+        let mut losses = Vec::new();
+        if unpacked.losses.owners > 0 {
+            losses.push(Loss::Owners {
+                entries: unpacked.losses.owners,
+            });
+        }
+        if unpacked.losses.xattrs > 0 {
+            losses.push(Loss::Xattrs {
+                count: unpacked.losses.xattrs,
+            });
+        }
+        Ok(AppliedLayer {
+            kind: LayerKind::Unpacked,
+            snapshot: snap,
+            size,
+            tar_bytes: unpacked.tar_bytes,
+            file_bytes: unpacked.file_bytes,
+            method: ApplyMethod::Mounted,
+            losses,
+        })
+    }
+
+    /// The content step of [`apply_mounted`](Self::apply_mounted): makes the volume and
+    /// applies the spooled tar into its mounted ext4.
+    async fn fill_mounted(
+        &self,
+        vol: &VolumeId,
+        origin: Option<&(SnapshotId, u64)>,
+        size: u64,
+        entries: u64,
+        tar: &Path,
+        scratch: &Path,
+    ) -> Result<traditional::Unpacked> {
+        match origin {
+            Some((snap, _)) => self.backend.clone_snapshot(snap, vol).await?,
+            None => {
+                self.backend
+                    .create_volume(vol, &VolumeOptions::new(size))
+                    .await?
+            }
+        }
+        let direct = self.backend.info().capabilities.local_path;
+        let image = if direct {
+            self.backend.local_path(vol).await?
+        } else {
+            let img = scratch.join("volume.img");
+            match origin {
+                Some((snap, s)) => self.export_snapshot(snap, *s, &img).await?,
+                None => {
+                    let f = File::create(&img).map_err(|e| {
+                        Error::backend("layer-unpack", format!("{}: {e}", img.display()))
+                    })?;
+                    f.set_len(size).map_err(|e| {
+                        Error::backend("layer-unpack", format!("{}: {e}", img.display()))
+                    })?;
+                }
+            }
+            img
+        };
+        let fresh = origin.is_none();
+        let mnt = scratch.join("mnt");
+        std::fs::create_dir(&mnt)
+            .map_err(|e| Error::backend("layer-unpack", format!("{}: {e}", mnt.display())))?;
+        let opts = self.options.tar.clone();
+        let (img2, tar2) = (image.clone(), tar.to_path_buf());
+        let unpacked = blocking(move || {
+            if fresh {
+                ext4::format(&img2, entries)?;
+            }
+            let mounted = ext4::Mounted::mount(&img2, &mnt)?;
+            let f = File::open(&tar2)
+                .map_err(|e| Error::backend("layer-unpack", format!("{}: {e}", tar2.display())))?;
+            let r = traditional::unpack_mounted(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                mounted.root(),
+                &opts,
+            );
+            let u = mounted.unmount();
+            let unpacked = r?;
+            u?;
+            Ok(unpacked)
+        })
+        .await?;
+        if !direct {
+            self.write_image(vol, &image, size, !fresh).await?;
+        }
+        Ok(unpacked)
     }
 
     /// Writes an image file into a volume: every non-zero block into a fresh volume, or
@@ -1239,6 +1523,7 @@ impl<B: Backend> LayerStore<B> {
                 size,
                 tar_bytes: 0,
                 file_bytes,
+                losses: Vec::new(),
             },
         )
         .await
@@ -1271,6 +1556,72 @@ impl<B: Backend> LayerStore<B> {
         }
         let dir = dir.to_path_buf();
         blocking(move || ext4::dump_tree(&img, &dir)).await
+    }
+}
+
+impl<B: Backend> LayerStore<B> {
+    /// Writes the file tree of layer `id` as an uncompressed tar into the new file `out`
+    /// (without `lost+found`), for the plain OCI export of an image. As root the layer's
+    /// ext4 is loop-mounted (read from a scratch copy) and written with
+    /// [`archive::TreeTar`], keeping every attribute; otherwise the tree is extracted with
+    /// `debugfs rdump` (see [`ext4`] for what that drops). Returns whether the export was
+    /// lossless.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown layer; `InvalidInput` if the layer is not ext4; backend
+    /// and IO errors.
+    pub async fn export_tar(&self, id: &str, out: &Path) -> Result<bool> {
+        let root = rustix::process::geteuid().is_root();
+        let scratch = self.scratch()?;
+        let out = out.to_path_buf();
+        let create = move |p: &Path| {
+            File::create_new(p)
+                .map_err(|e| Error::backend("layer-export", format!("{}: {e}", p.display())))
+        };
+        if !root {
+            let tree = scratch.path().join("tree");
+            std::fs::create_dir(&tree)
+                .map_err(|e| Error::backend("layer-export", format!("{}: {e}", tree.display())))?;
+            self.export_tree(id, &tree).await?;
+            return blocking(move || {
+                let mut t = archive::TreeTar::new(std::io::BufWriter::new(create(&out)?));
+                t.append_tree(&tree, &["lost+found"])?;
+                t.finish()?;
+                Ok(false)
+            })
+            .await;
+        }
+        let (snap, vol, size) = {
+            let inner = self.inner.lock().await;
+            let r = self.record(&inner, id)?;
+            (r.snapshot.clone(), self.volume_id(id)?, r.size)
+        };
+        let img = scratch.path().join("export.img");
+        match snap {
+            Some(s) => self.export_snapshot(&s, size, &img).await?,
+            None => {
+                let tmp = self.backend.snapshot(&vol).await?;
+                let r = self.export_snapshot(&tmp, size, &img).await;
+                let _ = self.backend.remove_snapshot(&tmp).await;
+                r?
+            }
+        }
+        let mnt = scratch.path().join("mnt");
+        std::fs::create_dir(&mnt)
+            .map_err(|e| Error::backend("layer-export", format!("{}: {e}", mnt.display())))?;
+        blocking(move || {
+            let m = ext4::Mounted::mount(&img, &mnt)?;
+            let mut t = archive::TreeTar::new(std::io::BufWriter::new(create(&out)?));
+            let r = t.append_tree(m.root(), &["lost+found"]);
+            let u = m.unmount();
+            r?;
+            u?;
+            let mut w = t.finish()?;
+            std::io::Write::flush(&mut w)
+                .map_err(|e| Error::backend("layer-export", format!("{}: {e}", out.display())))?;
+            Ok(true)
+        })
+        .await
     }
 }
 

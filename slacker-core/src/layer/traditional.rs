@@ -24,17 +24,38 @@
 //! written; the layer store unpacks into a scratch directory and changes nothing it stores
 //! until the whole layer was read.
 //!
-//! Device nodes and fifos are not created on the host: they are returned in
-//! [`Unpacked::specials`] and added to the ext4 image afterwards (see
-//! [`ext4::add_specials`](super::ext4::add_specials)). Extended attributes are not kept.
+//! Every path is resolved beneath the root directory's file descriptor with `openat2`
+//! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV`) and
+//! every entry is created with `*at` calls on its parent's descriptor, so no step of an
+//! apply can follow a symlink out of the tree, even one the layer itself just created.
+//!
+//! What is kept, per entry: type, content, mode including setuid, setgid and sticky bits,
+//! owner, extended attributes (PAX `SCHILY.xattr.*`: `security.capability`, `user.*`,
+//! POSIX ACLs `system.posix_acl_*`, ...), link target, device numbers, hard links (also
+//! to files of lower layers) and access and modification times to the nanosecond (PAX
+//! `mtime`/`atime`; symlinks too, with `AT_SYMLINK_NOFOLLOW`). The order per entry is
+//! content, owner, extended attributes, mode, times: `chown` clears set-id bits and file
+//! capabilities, an ACL rewrites the group bits. Directories get their mode and times
+//! after the whole layer, deepest first, so adding their entries does not change them.
+//!
+//! [`unpack_mounted`] (the layer store as root, into the loop-mounted ext4 of a clone of
+//! the parent) creates device nodes in place. [`unpack`] (the unprivileged fallback into
+//! a scratch directory) returns device nodes in [`Unpacked::specials`] for
+//! [`ext4::add_specials`](super::ext4::add_specials), and counts what the process may not
+//! set (owners, privileged extended attributes) in [`Unpacked::losses`].
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{PermissionsExt, lchown};
-use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{
+    self as rfs, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid,
+    XattrFlags,
+};
 
 use crate::error::{Error, Result};
 
@@ -263,7 +284,8 @@ impl<R: Read> Read for Limited<R> {
     }
 }
 
-/// A device node or fifo to add to the image after it is built.
+/// A device node to add to the image after it is built (an unprivileged unpack cannot
+/// create one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Special {
@@ -289,6 +311,26 @@ pub enum SpecialKind {
     Block(u32, u32),
 }
 
+/// What an unpack could not keep, in entries. All zero when unpacking as root onto a
+/// filesystem with extended attributes (a mounted ext4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Losses {
+    /// Entries whose owner could not be set (not root): they belong to the unpacking
+    /// user.
+    pub owners: u64,
+    /// Extended attributes (including POSIX ACLs and file capabilities) that the target
+    /// refused.
+    pub xattrs: u64,
+}
+
+impl Losses {
+    /// Whether nothing was lost.
+    pub fn is_empty(&self) -> bool {
+        self.owners == 0 && self.xattrs == 0
+    }
+}
+
 /// What [`unpack`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -301,13 +343,33 @@ pub struct Unpacked {
     pub file_bytes: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
-    /// Device nodes and fifos, by path relative to the root, to add to the image.
+    /// Entries whose timestamps have a sub-second part (kept on a mounted ext4, truncated
+    /// by `mke2fs -d`).
+    pub subsecond_times: u64,
+    /// Extended attributes applied.
+    pub xattrs: u64,
+    /// Device nodes, by path relative to the root, to add to the image (only from
+    /// [`unpack`]; [`unpack_mounted`] creates them).
     pub specials: BTreeMap<PathBuf, Special>,
+    /// What could not be kept.
+    pub losses: Losses,
 }
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
 const META_PREFIX: &[u8] = b".wh..wh.";
+/// PAX key prefix of extended attributes (GNU tar, Go's archive/tar, Docker, containerd).
+pub const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// Every path is resolved component by component under the root fd, never through a
+/// symlink, `..`, a magic link or a mount point.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// A timestamp with nanoseconds.
+type Time = (i64, u32);
 
 /// Metadata carried from extension headers to the entry they describe.
 #[derive(Default)]
@@ -316,7 +378,9 @@ struct Pending {
     link: Option<Vec<u8>>,
     uid: Option<u64>,
     gid: Option<u64>,
-    mtime: Option<u64>,
+    mtime: Option<Time>,
+    atime: Option<Time>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Pending {
@@ -326,27 +390,82 @@ impl Pending {
             && self.uid.is_none()
             && self.gid.is_none()
             && self.mtime.is_none()
+            && self.atime.is_none()
+            && self.xattrs.is_empty()
+    }
+}
+
+/// The metadata of one entry, applied after its content.
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Option<Time>,
+    atime: Option<Time>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Meta {
+    fn times(&self) -> Option<Timestamps> {
+        let m = self.mtime?;
+        let a = self.atime.unwrap_or(m);
+        let ts = |(s, n): Time| Timespec {
+            tv_sec: s,
+            tv_nsec: i64::from(n),
+        };
+        Some(Timestamps {
+            last_access: ts(a),
+            last_modification: ts(m),
+        })
     }
 }
 
 /// Applies the uncompressed tar `reader` onto the directory `root` (which must exist and
 /// may hold the parent's tree), with OCI whiteouts. See the [module docs](self) for what
-/// is refused.
+/// is refused. Device nodes are not created but returned in [`Unpacked::specials`] (for
+/// an image built with `mke2fs -d`); owners and extended attributes the process may not
+/// set are counted in [`Unpacked::losses`].
 ///
 /// # Errors
 /// `InvalidInput` for a hostile or malformed layer (the tree may then hold part of the
 /// layer: unpack into a scratch directory); `Backend` for IO errors on the tree.
 pub fn unpack<R: Read>(reader: R, root: &Path, options: &TarOptions) -> Result<Unpacked> {
+    unpack_with(reader, root, options, false)
+}
+
+/// As [`unpack`], but device nodes are created in place (root only): for applying a
+/// layer directly into a mounted ext4 with every attribute kept.
+///
+/// # Errors
+/// As [`unpack`].
+pub fn unpack_mounted<R: Read>(reader: R, root: &Path, options: &TarOptions) -> Result<Unpacked> {
+    unpack_with(reader, root, options, true)
+}
+
+fn unpack_with<R: Read>(
+    reader: R,
+    root: &Path,
+    options: &TarOptions,
+    create_devices: bool,
+) -> Result<Unpacked> {
     let mut limited = Limited {
         inner: reader,
         read: 0,
         max: options.max_bytes,
     };
+    let root_fd = rfs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| fs_error("open", root, e.into()))?;
     let mut u = Unpacker {
-        root: root.to_path_buf(),
+        root: root_fd,
+        root_path: root.to_path_buf(),
         options,
+        create_devices,
         added: HashSet::new(),
-        dirs: Vec::new(),
+        dirs: BTreeMap::new(),
         out: Unpacked::default(),
     };
     {
@@ -405,27 +524,118 @@ pub fn unpack<R: Read>(reader: R, root: &Path, options: &TarOptions) -> Result<U
     Ok(u.out)
 }
 
+/// What [`spool`] found in a layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Spooled {
+    /// Uncompressed tar bytes.
+    pub tar_bytes: u64,
+    /// Bytes of regular-file data the entries declare.
+    pub file_bytes: u64,
+    /// Tar headers.
+    pub entries: u64,
+}
+
+/// Copies the (already decompressed) tar `reader` into the new file `path`, reading the
+/// whole stream (so a corrupt gzip or zstd stream fails here, before anything is
+/// applied), and sums the sizes its headers declare (for sizing a fresh volume).
+///
+/// # Errors
+/// `InvalidInput` for a corrupt stream, one over `options.max_bytes` or
+/// `options.max_entries`, or an unreadable tar; `Backend` for IO errors on `path`.
+pub fn spool<R: Read>(reader: R, path: &Path, options: &TarOptions) -> Result<Spooled> {
+    let mut limited = Limited {
+        inner: reader,
+        read: 0,
+        max: options.max_bytes,
+    };
+    let mut f = File::create_new(path).map_err(|e| fs_error("create", path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match limited.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(stream_error(e)),
+        };
+        f.write_all(&buf[..n])
+            .map_err(|e| fs_error("write", path, e))?;
+    }
+    let mut out = Spooled {
+        tar_bytes: limited.read,
+        ..Spooled::default()
+    };
+    let f = File::open(path).map_err(|e| fs_error("open", path, e))?;
+    let mut archive = tar::Archive::new(f);
+    for entry in archive.entries_with_seek().map_err(stream_error)?.raw(true) {
+        let entry = entry.map_err(stream_error)?;
+        out.entries += 1;
+        if out.entries > options.max_entries {
+            return Err(Error::invalid(format!(
+                "layer has more than {} tar headers",
+                options.max_entries
+            )));
+        }
+        if matches!(entry.header().entry_type().as_byte(), b'0' | 0 | b'7') {
+            out.file_bytes += entry.header().entry_size().map_err(stream_error)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a PAX time (`seconds[.fraction]`, possibly negative) into seconds and
+/// nanoseconds.
+fn parse_time(v: &str) -> Option<Time> {
+    let (neg, v) = match v.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, v),
+    };
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i64 = int.parse().ok()?;
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nanos: u32 = digits.parse().ok()?;
+    Some(match (neg, nanos) {
+        (false, n) => (secs, n),
+        (true, 0) => (-secs, 0),
+        (true, n) => (-secs - 1, 1_000_000_000 - n),
+    })
+}
+
 fn apply_pax(data: &[u8], p: &mut Pending) -> Result<()> {
     for ext in tar::PaxExtensions::new(data) {
         let ext = ext.map_err(|e| Error::invalid(format!("bad PAX record: {e}")))?;
         let key = ext
             .key()
             .map_err(|_| Error::invalid("PAX key is not UTF-8"))?;
+        let text = || -> Result<&str> {
+            ext.value()
+                .map_err(|_| Error::invalid(format!("PAX {key} is not UTF-8")))
+        };
         let num = || -> Result<u64> {
-            let v = ext
-                .value()
-                .map_err(|_| Error::invalid(format!("PAX {key} is not UTF-8")))?;
-            // mtime may carry a fraction: keep the seconds.
-            let int = v.split('.').next().unwrap_or("");
-            int.parse::<u64>()
+            let v = text()?;
+            v.parse::<u64>()
                 .map_err(|_| Error::invalid(format!("PAX {key}={v:?} is not a number")))
+        };
+        let time = || -> Result<Time> {
+            let v = text()?;
+            parse_time(v).ok_or_else(|| Error::invalid(format!("PAX {key}={v:?} is not a time")))
         };
         match key {
             "path" => p.path = Some(ext.value_bytes().to_vec()),
             "linkpath" => p.link = Some(ext.value_bytes().to_vec()),
             "uid" => p.uid = Some(num()?),
             "gid" => p.gid = Some(num()?),
-            "mtime" => p.mtime = Some(num()?),
+            "mtime" => p.mtime = Some(time()?),
+            "atime" => p.atime = Some(time()?),
             "size" => {
                 return Err(Error::invalid(
                     "PAX size overrides are not supported (files over 8 GiB)",
@@ -434,6 +644,14 @@ fn apply_pax(data: &[u8], p: &mut Pending) -> Result<()> {
             k if k.starts_with("GNU.sparse.") => {
                 return Err(Error::invalid("GNU sparse files are not supported"));
             }
+            k if k.starts_with(PAX_XATTR_PREFIX) => {
+                let name = &k[PAX_XATTR_PREFIX.len()..];
+                if name.is_empty() || name.len() > 255 || name.contains('\0') {
+                    return Err(Error::invalid(format!("bad extended attribute name {k:?}")));
+                }
+                p.xattrs
+                    .push((name.as_bytes().to_vec(), ext.value_bytes().to_vec()));
+            }
             _ => {}
         }
     }
@@ -441,13 +659,18 @@ fn apply_pax(data: &[u8], p: &mut Pending) -> Result<()> {
 }
 
 struct Unpacker<'o> {
-    root: PathBuf,
+    /// The root directory (`O_PATH`); every path is resolved beneath it.
+    root: OwnedFd,
+    root_path: PathBuf,
     options: &'o TarOptions,
+    /// Create device nodes (root, mounted target) or return them as specials.
+    create_devices: bool,
     /// Paths this layer created, and their ancestors (kept by opaque markers).
     added: HashSet<PathBuf>,
-    /// Directories and their modes, applied at the end (a read-only directory must stay
-    /// writable while the layer fills it).
-    dirs: Vec<(PathBuf, u32, Option<u64>)>,
+    /// Directories and their metadata, applied at the end, deepest first (a read-only
+    /// directory must stay writable while the layer fills it, and adding entries changes
+    /// a directory's mtime).
+    dirs: BTreeMap<PathBuf, Meta>,
     out: Unpacked,
 }
 
@@ -511,6 +734,19 @@ fn symlink_stays_inside(path: &Path, target: &[u8]) -> bool {
     true
 }
 
+fn errno(e: rustix::io::Errno) -> io::Error {
+    e.into()
+}
+
+fn is_dir(st: &rfs::Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+}
+
+/// The last component of a cleaned path.
+fn last(rel: &Path) -> &OsStr {
+    rel.file_name().unwrap_or_else(|| OsStr::new("."))
+}
+
 impl Unpacker<'_> {
     fn read_extension<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
         let size = entry.header().entry_size().map_err(stream_error)?;
@@ -528,6 +764,10 @@ impl Unpacker<'_> {
         Ok(data)
     }
 
+    fn full(&self, rel: &Path) -> PathBuf {
+        self.root_path.join(rel)
+    }
+
     fn mark_added(&mut self, rel: &Path) {
         let mut p = rel.to_path_buf();
         loop {
@@ -540,16 +780,38 @@ impl Unpacker<'_> {
         }
     }
 
+    /// Opens the directory `rel` (`O_PATH`), resolved beneath the root without following
+    /// any symlink.
+    fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        let p = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        rfs::openat2(
+            &self.root,
+            p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(errno)
+    }
+
     /// Makes sure every ancestor of `rel` is a real directory inside the root, creating
-    /// missing ones; refuses to pass through symlinks or files.
-    fn prepare_parents(&mut self, rel: &Path) -> Result<()> {
-        let mut cur = self.root.clone();
-        let comps: Vec<Component<'_>> = rel.components().collect();
+    /// missing ones; refuses to pass through symlinks or files. Returns the parent
+    /// directory of `rel`, opened.
+    fn prepare_parents(&mut self, rel: &Path) -> Result<OwnedFd> {
+        let mut dir = self
+            .open_dir(Path::new(""))
+            .map_err(|e| fs_error("open", &self.root_path, e))?;
+        let comps: Vec<&OsStr> = rel.iter().collect();
+        let mut cur = PathBuf::new();
         for c in &comps[..comps.len().saturating_sub(1)] {
             cur.push(c);
-            match fs::symlink_metadata(&cur) {
-                Ok(m) if m.file_type().is_dir() => {}
-                Ok(m) if m.file_type().is_symlink() => {
+            match rfs::statat(&dir, *c, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if is_dir(&st) => {}
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
                     return Err(Error::invalid(format!(
                         "path {} passes through a symlink",
                         rel.display()
@@ -561,32 +823,189 @@ impl Unpacker<'_> {
                         rel.display()
                     )));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&cur).map_err(|e| fs_error("mkdir", &cur, e))?;
+                Err(rustix::io::Errno::NOENT) => {
+                    rfs::mkdirat(&dir, *c, Mode::from_raw_mode(0o755))
+                        .map_err(|e| fs_error("mkdir", &self.full(&cur), errno(e)))?;
                 }
-                Err(e) => return Err(fs_error("stat", &cur, e)),
+                Err(e) => return Err(fs_error("stat", &self.full(&cur), errno(e))),
+            }
+            dir = rfs::openat2(
+                &dir,
+                *c,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                RESOLVE,
+            )
+            .map_err(|e| fs_error("open", &self.full(&cur), errno(e)))?;
+        }
+        Ok(dir)
+    }
+
+    /// Removes whatever is at `rel` (never following a symlink); `keep_dir` keeps an
+    /// existing directory (and returns `true`).
+    fn clear(&mut self, parent: &OwnedFd, rel: &Path, keep_dir: bool) -> Result<bool> {
+        self.out.specials.retain(|p, _| !p.starts_with(rel));
+        let name = last(rel);
+        match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if is_dir(&st) => {
+                if keep_dir {
+                    return Ok(true);
+                }
+                self.remove_tree(parent, name, rel)?;
+            }
+            Ok(_) => rfs::unlinkat(parent, name, AtFlags::empty())
+                .map_err(|e| fs_error("remove", &self.full(rel), errno(e)))?,
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(fs_error("stat", &self.full(rel), errno(e))),
+        }
+        Ok(false)
+    }
+
+    /// The names in directory `dir`, with their types.
+    fn read_dir(&self, dir: &OwnedFd, rel: &Path) -> Result<Vec<(std::ffi::OsString, bool)>> {
+        let fd = rfs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| fs_error("open", &self.full(rel), errno(e)))?;
+        let mut d = rfs::Dir::read_from(&fd)
+            .map_err(|e| fs_error("read dir", &self.full(rel), errno(e)))?;
+        let mut out = Vec::new();
+        while let Some(e) = d.read() {
+            let e = e.map_err(|e| fs_error("read dir", &self.full(rel), errno(e)))?;
+            let n = e.file_name().to_bytes();
+            if n == b"." || n == b".." {
+                continue;
+            }
+            let name = OsStr::from_bytes(n).to_os_string();
+            let dir_type = match e.file_type() {
+                FileType::Directory => true,
+                FileType::Unknown => rfs::statat(&fd, &name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| is_dir(&st))
+                    .map_err(|er| fs_error("stat", &self.full(&rel.join(&name)), errno(er)))?,
+                _ => false,
+            };
+            out.push((name, dir_type));
+        }
+        Ok(out)
+    }
+
+    /// Removes directory `name` in `parent` and everything below it.
+    fn remove_tree(&self, parent: &OwnedFd, name: &OsStr, rel: &Path) -> Result<()> {
+        let fd = rfs::openat2(
+            parent,
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(|e| fs_error("open", &self.full(rel), errno(e)))?;
+        for (n, dir) in self.read_dir(&fd, rel)? {
+            if dir {
+                self.remove_tree(&fd, &n, &rel.join(&n))?;
+            } else {
+                rfs::unlinkat(&fd, &n, AtFlags::empty())
+                    .map_err(|e| fs_error("remove", &self.full(&rel.join(&n)), errno(e)))?;
+            }
+        }
+        rfs::unlinkat(parent, name, AtFlags::REMOVEDIR)
+            .map_err(|e| fs_error("remove", &self.full(rel), errno(e)))
+    }
+
+    /// Owner, extended attributes, mode, times (in this order: `chown` clears set-id
+    /// bits and file capabilities, setting an ACL changes the mode) on an open file.
+    fn set_meta_fd(&mut self, fd: &OwnedFd, rel: &Path, meta: &Meta, mode: bool) -> Result<()> {
+        self.chown(
+            rfs::fchown(
+                fd,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+            ),
+            rel,
+        )?;
+        for (k, v) in &meta.xattrs {
+            let r = rfs::fsetxattr(fd, OsStr::from_bytes(k), v, XattrFlags::empty());
+            self.xattr_result(r);
+        }
+        if mode {
+            rfs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+                .map_err(|e| fs_error("chmod", &self.full(rel), errno(e)))?;
+            if let Some(t) = meta.times() {
+                rfs::futimens(fd, &t)
+                    .map_err(|e| fs_error("set times of", &self.full(rel), errno(e)))?;
             }
         }
         Ok(())
     }
 
-    /// Removes whatever is at `rel` (never following a symlink); `keep_dir` keeps an
-    /// existing directory.
-    fn clear(&mut self, rel: &Path, keep_dir: bool) -> Result<bool> {
-        let full = self.root.join(rel);
-        self.out.specials.retain(|p, _| !p.starts_with(rel));
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.file_type().is_dir() => {
-                if keep_dir {
-                    return Ok(true);
-                }
-                fs::remove_dir_all(&full).map_err(|e| fs_error("remove", &full, e))?;
+    /// As [`set_meta_fd`](Self::set_meta_fd) for an entry that cannot be opened (a
+    /// symlink, a device node, a fifo), by name in its parent, never following it.
+    fn set_meta_at(
+        &mut self,
+        parent: &OwnedFd,
+        rel: &Path,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<()> {
+        let name = last(rel);
+        self.chown(
+            rfs::chownat(
+                parent,
+                name,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            ),
+            rel,
+        )?;
+        if !meta.xattrs.is_empty() {
+            // The parent through its fd (a magic link, but only as a directory on the
+            // way), the entry itself not followed.
+            let mut p = format!("/proc/self/fd/{}/", parent.as_raw_fd()).into_bytes();
+            p.extend_from_slice(name.as_bytes());
+            let p = PathBuf::from(OsStr::from_bytes(&p));
+            for (k, v) in &meta.xattrs {
+                let r = rfs::lsetxattr(&p, OsStr::from_bytes(k), v, XattrFlags::empty());
+                self.xattr_result(r);
             }
-            Ok(_) => fs::remove_file(&full).map_err(|e| fs_error("remove", &full, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fs_error("stat", &full, e)),
         }
-        Ok(false)
+        if chmod {
+            rfs::chmodat(
+                parent,
+                name,
+                Mode::from_raw_mode(meta.mode),
+                AtFlags::empty(),
+            )
+            .map_err(|e| fs_error("chmod", &self.full(rel), errno(e)))?;
+        }
+        if let Some(t) = meta.times() {
+            rfs::utimensat(parent, name, &t, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| fs_error("set times of", &self.full(rel), errno(e)))?;
+        }
+        Ok(())
+    }
+
+    fn chown(&mut self, r: rustix::io::Result<()>, rel: &Path) -> Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            // Not root: the entry keeps the unpacking user as owner (reported).
+            Err(rustix::io::Errno::PERM) => {
+                self.out.losses.owners += 1;
+                Ok(())
+            }
+            Err(e) => Err(fs_error("chown", &self.full(rel), errno(e))),
+        }
+    }
+
+    fn xattr_result(&mut self, r: rustix::io::Result<()>) {
+        match r {
+            Ok(()) => self.out.xattrs += 1,
+            // Not permitted (security.*, trusted.* without root), not supported by the
+            // target filesystem, or refused: counted, reported by the caller.
+            Err(_) => self.out.losses.xattrs += 1,
+        }
     }
 
     fn entry<R: Read>(
@@ -609,7 +1028,13 @@ impl Unpacker<'_> {
             Some(g) => g,
             None => header.gid().map_err(stream_error)?,
         };
-        let mtime = pending.mtime.or_else(|| header.mtime().ok());
+        let mtime = pending.mtime.or_else(|| {
+            header
+                .mtime()
+                .ok()
+                .and_then(|t| i64::try_from(t).ok())
+                .map(|t| (t, 0))
+        });
         let (uid, gid) = match (u32::try_from(uid), u32::try_from(gid)) {
             (Ok(u), Ok(g)) => (u, g),
             _ => return Err(Error::invalid("uid or gid does not fit 32 bits")),
@@ -620,12 +1045,29 @@ impl Unpacker<'_> {
         };
         let size = header.entry_size().map_err(stream_error)?;
         let device = (header.device_major(), header.device_minor());
+        let meta = Meta {
+            mode,
+            uid,
+            gid,
+            mtime,
+            atime: pending.atime,
+            xattrs: pending.xattrs,
+        };
 
         let Some(rel) = clean_path(&raw_path, self.options.max_path_bytes)? else {
             // The root directory itself: only a directory may stand for it.
             if kind != b'5' {
                 return Err(Error::invalid("non-directory entry for the root"));
             }
+            let fd = rfs::openat(
+                &self.root,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| fs_error("open", &self.root_path, errno(e)))?;
+            self.set_meta_fd(&fd, Path::new(""), &meta, false)?;
+            self.dirs.insert(PathBuf::new(), meta);
             return Ok(());
         };
         let name = rel
@@ -651,22 +1093,33 @@ impl Unpacker<'_> {
                     String::from_utf8_lossy(&raw_path)
                 )));
             }
-            let target = dir.join(std::ffi::OsStr::from_bytes(target));
-            self.prepare_parents(&target)?;
-            self.clear(&target, false)?;
+            let target = dir.join(OsStr::from_bytes(target));
+            let parent = self.prepare_parents(&target)?;
+            self.clear(&parent, &target, false)?;
             return Ok(());
         }
 
-        let full = self.root.join(&rel);
+        if meta.mtime.is_some_and(|(_, n)| n != 0) || meta.atime.is_some_and(|(_, n)| n != 0) {
+            self.out.subsecond_times += 1;
+        }
+        let full = self.full(&rel);
+        let fname = last(&rel).to_os_string();
         match kind {
             b'0' | 0 | b'7' if !raw_path.ends_with(b"/") => {
-                self.prepare_parents(&rel)?;
-                self.clear(&rel, false)?;
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&full)
-                    .map_err(|e| fs_error("create", &full, e))?;
+                let parent = self.prepare_parents(&rel)?;
+                self.clear(&parent, &rel, false)?;
+                let fd = rfs::openat(
+                    &parent,
+                    &fname,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| fs_error("create", &full, errno(e)))?;
+                let mut f = File::from(fd);
                 let written = copy_data(entry, &mut f, &full)?;
                 if written != size {
                     return Err(Error::invalid(format!(
@@ -675,21 +1128,26 @@ impl Unpacker<'_> {
                     )));
                 }
                 self.out.file_bytes += written;
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(|e| fs_error("chmod", &full, e))?;
-                if let Some(t) = mtime {
-                    let _ = f.set_modified(UNIX_EPOCH + Duration::from_secs(t));
-                }
-                drop(f);
-                set_owner(&full, uid, gid)?;
+                let fd = OwnedFd::from(f);
+                self.set_meta_fd(&fd, &rel, &meta, true)?;
             }
             b'0' | 0 | b'7' | b'5' => {
-                self.prepare_parents(&rel)?;
-                if !self.clear(&rel, true)? {
-                    fs::create_dir(&full).map_err(|e| fs_error("mkdir", &full, e))?;
+                let parent = self.prepare_parents(&rel)?;
+                if !self.clear(&parent, &rel, true)? {
+                    rfs::mkdirat(&parent, &fname, Mode::from_raw_mode(0o755))
+                        .map_err(|e| fs_error("mkdir", &full, errno(e)))?;
                 }
-                set_owner(&full, uid, gid)?;
-                self.dirs.push((rel.clone(), mode, mtime));
+                let fd = rfs::openat2(
+                    &parent,
+                    &fname,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                    Mode::empty(),
+                    RESOLVE,
+                )
+                .map_err(|e| fs_error("open", &full, errno(e)))?;
+                // Owner and xattrs now; mode and times once the layer is complete.
+                self.set_meta_fd(&fd, &rel, &meta, false)?;
+                self.dirs.insert(rel.clone(), meta);
             }
             b'2' => {
                 let target = link.ok_or_else(|| Error::invalid("symlink without a target"))?;
@@ -709,11 +1167,11 @@ impl Unpacker<'_> {
                         String::from_utf8_lossy(&target)
                     )));
                 }
-                self.prepare_parents(&rel)?;
-                self.clear(&rel, false)?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &full)
-                    .map_err(|e| fs_error("symlink", &full, e))?;
-                set_owner(&full, uid, gid)?;
+                let parent = self.prepare_parents(&rel)?;
+                self.clear(&parent, &rel, false)?;
+                rfs::symlinkat(OsStr::from_bytes(&target), &parent, &fname)
+                    .map_err(|e| fs_error("symlink", &full, errno(e)))?;
+                self.set_meta_at(&parent, &rel, &meta, false)?;
             }
             b'1' => {
                 let target = link.ok_or_else(|| Error::invalid("hard link without a target"))?;
@@ -726,21 +1184,21 @@ impl Unpacker<'_> {
                     clean_path(&target, self.options.max_path_bytes)?
                         .ok_or_else(|| Error::invalid("hard link to the root"))?
                 };
-                self.check_link_target(&rel, &target)?;
-                self.prepare_parents(&rel)?;
+                let tparent = self.check_link_target(&rel, &target)?;
+                let parent = self.prepare_parents(&rel)?;
                 if target == rel {
                     return Err(Error::invalid(format!(
                         "hard link {} to itself",
                         rel.display()
                     )));
                 }
-                self.clear(&rel, false)?;
-                let src = self.root.join(&target);
-                fs::hard_link(&src, &full).map_err(|e| fs_error("link", &full, e))?;
+                self.clear(&parent, &rel, false)?;
+                rfs::linkat(&tparent, last(&target), &parent, &fname, AtFlags::empty())
+                    .map_err(|e| fs_error("link", &full, errno(e)))?;
             }
             b'3' | b'4' | b'6' => {
-                let kind = match kind {
-                    b'6' => SpecialKind::Fifo,
+                let (ftype, kind, dev) = match kind {
+                    b'6' => (FileType::Fifo, SpecialKind::Fifo, 0),
                     k => {
                         if !self.options.allow_devices {
                             return Err(Error::invalid(format!(
@@ -750,30 +1208,41 @@ impl Unpacker<'_> {
                         }
                         let major = device.0.ok().flatten().unwrap_or(0);
                         let minor = device.1.ok().flatten().unwrap_or(0);
+                        let dev = rfs::makedev(major, minor);
                         if k == b'3' {
-                            SpecialKind::Char(major, minor)
+                            (
+                                FileType::CharacterDevice,
+                                SpecialKind::Char(major, minor),
+                                dev,
+                            )
                         } else {
-                            SpecialKind::Block(major, minor)
+                            (FileType::BlockDevice, SpecialKind::Block(major, minor), dev)
                         }
                     }
                 };
-                if !super::ext4::debugfs_safe_name(rel.as_os_str().as_bytes()) {
-                    return Err(Error::invalid(format!(
-                        "special file name {:?} is not supported",
-                        rel.display()
-                    )));
+                let parent = self.prepare_parents(&rel)?;
+                self.clear(&parent, &rel, false)?;
+                if ftype != FileType::Fifo && !self.create_devices {
+                    if !super::ext4::debugfs_safe_name(rel.as_os_str().as_bytes()) {
+                        return Err(Error::invalid(format!(
+                            "special file name {:?} is not supported",
+                            rel.display()
+                        )));
+                    }
+                    self.out.specials.insert(
+                        rel.clone(),
+                        Special {
+                            kind,
+                            mode,
+                            uid,
+                            gid,
+                        },
+                    );
+                } else {
+                    rfs::mknodat(&parent, &fname, ftype, Mode::from_raw_mode(0o600), dev)
+                        .map_err(|e| fs_error("mknod", &full, errno(e)))?;
+                    self.set_meta_at(&parent, &rel, &meta, true)?;
                 }
-                self.prepare_parents(&rel)?;
-                self.clear(&rel, false)?;
-                self.out.specials.insert(
-                    rel.clone(),
-                    Special {
-                        kind,
-                        mode,
-                        uid,
-                        gid,
-                    },
-                );
             }
             b'S' => return Err(Error::invalid("GNU sparse files are not supported")),
             other => {
@@ -788,66 +1257,59 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn check_link_target(&self, rel: &Path, target: &Path) -> Result<()> {
-        let mut cur = self.root.clone();
-        let comps: Vec<_> = target.components().collect();
-        for (i, c) in comps.iter().enumerate() {
-            cur.push(c);
-            let m = fs::symlink_metadata(&cur).map_err(|_| {
-                Error::invalid(format!(
-                    "hard link {} to {}, which does not exist",
-                    rel.display(),
-                    target.display()
-                ))
-            })?;
-            let last = i + 1 == comps.len();
-            if !last && !m.file_type().is_dir() {
-                return Err(Error::invalid(format!(
-                    "hard link {} to {} passes through a symlink or file",
-                    rel.display(),
-                    target.display()
-                )));
-            }
-            if last && m.file_type().is_dir() {
-                return Err(Error::invalid(format!(
-                    "hard link {} to directory {}",
-                    rel.display(),
-                    target.display()
-                )));
-            }
-        }
-        if self.out.specials.contains_key(target) {
-            return Err(Error::invalid(format!(
-                "hard link {} to special file {}",
+    /// Checks a hard link's target (it exists, is not a directory, is reached without a
+    /// symlink) and returns its parent directory, opened.
+    fn check_link_target(&self, rel: &Path, target: &Path) -> Result<OwnedFd> {
+        let tdir = target.parent().unwrap_or(Path::new(""));
+        let refused = |why: &str| {
+            Error::invalid(format!(
+                "hard link {} to {}, {why}",
                 rel.display(),
                 target.display()
-            )));
+            ))
+        };
+        let parent = match self.open_dir(tdir) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {
+                return Err(refused("which does not exist"));
+            }
+            Err(_) => return Err(refused("which passes through a symlink or file")),
+        };
+        match rfs::statat(&parent, last(target), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if is_dir(&st) => Err(refused("a directory")),
+            Ok(_) if self.out.specials.contains_key(target) => Err(refused("a special file")),
+            Ok(_) => Ok(parent),
+            Err(_) => Err(refused("which does not exist")),
         }
-        Ok(())
     }
 
     /// `.wh..wh..opq` in `dir`: removes every entry of `dir` this layer did not add (and,
     /// inside directories it added to, their lower entries).
     fn opaque(&mut self, dir: &Path) -> Result<()> {
-        if !dir.as_os_str().is_empty() {
-            self.prepare_parents(&dir.join("x"))?;
-        }
-        let full = self.root.join(dir);
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(_) => {
-                return Err(Error::invalid(format!(
-                    "opaque marker in {}, which is not a directory",
-                    dir.display()
-                )));
+        let fd = if dir.as_os_str().is_empty() {
+            self.open_dir(dir)
+                .map_err(|e| fs_error("open", &self.root_path, e))?
+        } else {
+            let parent = self.prepare_parents(dir)?;
+            let full = self.full(dir);
+            match rfs::statat(&parent, last(dir), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if is_dir(&st) => {}
+                Ok(_) => {
+                    return Err(Error::invalid(format!(
+                        "opaque marker in {}, which is not a directory",
+                        dir.display()
+                    )));
+                }
+                Err(rustix::io::Errno::NOENT) => {
+                    rfs::mkdirat(&parent, last(dir), Mode::from_raw_mode(0o755))
+                        .map_err(|e| fs_error("mkdir", &full, errno(e)))?;
+                    return Ok(());
+                }
+                Err(e) => return Err(fs_error("stat", &full, errno(e))),
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&full).map_err(|e| fs_error("mkdir", &full, e))?;
-                return Ok(());
-            }
-            Err(e) => return Err(fs_error("stat", &full, e)),
-        }
-        self.prune(dir)?;
+            self.open_dir(dir).map_err(|e| fs_error("open", &full, e))?
+        };
+        self.prune(dir, &fd)?;
         let dir = dir.to_path_buf();
         self.out
             .specials
@@ -855,46 +1317,53 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn prune(&mut self, dir: &Path) -> Result<()> {
-        let full = self.root.join(dir);
-        let rd = fs::read_dir(&full).map_err(|e| fs_error("read dir", &full, e))?;
-        for e in rd {
-            let e = e.map_err(|e| fs_error("read dir", &full, e))?;
-            let rel = dir.join(e.file_name());
+    fn prune(&mut self, dir: &Path, fd: &OwnedFd) -> Result<()> {
+        for (name, is_dir) in self.read_dir(fd, dir)? {
+            let rel = dir.join(&name);
             if self.added.contains(&rel) {
-                let ft = e
-                    .file_type()
-                    .map_err(|er| fs_error("stat", &e.path(), er))?;
-                if ft.is_dir() {
-                    self.prune(&rel)?;
+                if is_dir {
+                    let sub = self
+                        .open_dir(&rel)
+                        .map_err(|e| fs_error("open", &self.full(&rel), e))?;
+                    self.prune(&rel, &sub)?;
                 }
                 continue;
             }
-            let p = e.path();
-            let ft = e.file_type().map_err(|er| fs_error("stat", &p, er))?;
-            if ft.is_dir() {
-                fs::remove_dir_all(&p).map_err(|er| fs_error("remove", &p, er))?;
+            if is_dir {
+                self.remove_tree(fd, &name, &rel)?;
             } else {
-                fs::remove_file(&p).map_err(|er| fs_error("remove", &p, er))?;
+                rfs::unlinkat(fd, &name, AtFlags::empty())
+                    .map_err(|e| fs_error("remove", &self.full(&rel), errno(e)))?;
             }
         }
         Ok(())
     }
 
     fn finish_dirs(&mut self) -> Result<()> {
-        // Deepest first, so a read-only parent is set after its children.
-        let mut dirs = std::mem::take(&mut self.dirs);
-        dirs.sort_by(|a, b| b.0.cmp(&a.0));
-        for (rel, mode, mtime) in dirs {
-            let full = self.root.join(&rel);
-            match fs::symlink_metadata(&full) {
-                Ok(m) if m.file_type().is_dir() => {}
-                _ => continue, // removed or replaced by a later entry
-            }
-            fs::set_permissions(&full, fs::Permissions::from_mode(mode))
-                .map_err(|e| fs_error("chmod", &full, e))?;
-            if let (Some(t), Ok(f)) = (mtime, File::open(&full)) {
-                let _ = f.set_modified(UNIX_EPOCH + Duration::from_secs(t));
+        // Deepest first (reverse order puts every "a/..." before "a"), so a read-only
+        // parent is set after its children and no later change touches its mtime.
+        let dirs = std::mem::take(&mut self.dirs);
+        for (rel, meta) in dirs.into_iter().rev() {
+            let at = if rel.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                &rel
+            };
+            let fd = match rfs::openat2(
+                &self.root,
+                at,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                RESOLVE,
+            ) {
+                Ok(fd) => fd,
+                Err(_) => continue, // removed or replaced by a later entry
+            };
+            let full = self.full(&rel);
+            rfs::fchmod(&fd, Mode::from_raw_mode(meta.mode))
+                .map_err(|e| fs_error("chmod", &full, errno(e)))?;
+            if let Some(t) = meta.times() {
+                rfs::futimens(&fd, &t).map_err(|e| fs_error("set times of", &full, errno(e)))?;
             }
         }
         Ok(())
@@ -914,16 +1383,6 @@ fn copy_data<R: Read>(entry: &mut R, f: &mut File, path: &Path) -> Result<u64> {
         f.write_all(&buf[..n])
             .map_err(|e| fs_error("write", path, e))?;
         total += n as u64;
-    }
-}
-
-/// Sets the owner (without following symlinks). Without the privilege to do so the
-/// owner stays the current user's (best effort: unpack as root for faithful owners).
-fn set_owner(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    match lchown(path, Some(uid), Some(gid)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
-        Err(e) => Err(fs_error("chown", path, e)),
     }
 }
 
