@@ -500,12 +500,12 @@ impl Inner {
 impl RbdBackend {
     pub(crate) async fn open(config: RbdConfig, crash: Option<Arc<CrashPlan>>) -> Result<Self> {
         config.validate()?;
-        if let Some(k) = &config.keyring {
-            if !std::path::Path::new(k).is_file() {
-                return Err(Error::Config(format!(
-                    "rbd keyring {k} is not a readable file"
-                )));
-            }
+        if let Some(k) = &config.keyring
+            && !std::path::Path::new(k).is_file()
+        {
+            return Err(Error::Config(format!(
+                "rbd keyring {k} is not a readable file"
+            )));
         }
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         let c2 = config.clone();

@@ -41,17 +41,17 @@ fn in_ci() -> bool {
 }
 
 fn find() -> Result<Cluster, String> {
-    if let Ok(mon) = std::env::var("SLACKER_RBD_MON") {
-        if !mon.is_empty() {
-            let keyring = std::env::var("SLACKER_RBD_KEYRING")
-                .ok()
-                .filter(|k| !k.is_empty());
-            return Ok(Cluster {
-                mon,
-                keyring,
-                dir: std::env::var("CEPH_DIR").ok(),
-            });
-        }
+    if let Ok(mon) = std::env::var("SLACKER_RBD_MON")
+        && !mon.is_empty()
+    {
+        let keyring = std::env::var("SLACKER_RBD_KEYRING")
+            .ok()
+            .filter(|k| !k.is_empty());
+        return Ok(Cluster {
+            mon,
+            keyring,
+            dir: std::env::var("CEPH_DIR").ok(),
+        });
     }
     let script = scripts().join("test-cluster.sh");
     let out = Command::new("bash")
