@@ -27,6 +27,7 @@ pub mod checks;
 pub mod crash;
 pub mod faulty;
 pub mod model;
+#[cfg(feature = "tree")]
 pub mod tree;
 
 /// A boxed future returned by the generated check wrappers.
