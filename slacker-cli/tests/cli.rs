@@ -255,10 +255,11 @@ fn convert_run_ls_rm_gc_on_btrfs() {
     assert!(g["removed"].as_array().unwrap().is_empty(), "{g}");
     let r = json(&config, &["rm", &dst]);
     assert_eq!(r["removed_layers"].as_array().unwrap().len(), 2, "{r}");
+    // Two layers, each a data snapshot plus its Merkle tree snapshot.
     let g = json(&config, &["gc", "--dry-run"]);
-    assert_eq!(g["removed"].as_array().unwrap().len(), 2, "{g}");
+    assert_eq!(g["removed"].as_array().unwrap().len(), 4, "{g}");
     let g = json(&config, &["gc"]);
-    assert_eq!(g["removed"].as_array().unwrap().len(), 2, "{g}");
+    assert_eq!(g["removed"].as_array().unwrap().len(), 4, "{g}");
     assert!(
         json(&config, &["gc"])["removed"]
             .as_array()

@@ -332,11 +332,21 @@ impl Mounted {
         if let Ok(d) = File::open(&self.dir) {
             let _ = rustix::fs::syncfs(&d);
         }
-        let out = Command::new("umount")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| Error::Config(format!("umount: {e}")))?;
+        // "target is busy" can be transient: a process another thread of this program is
+        // forking holds a copy of every descriptor until it execs. Retry briefly.
+        let mut attempt = 0;
+        let out = loop {
+            let out = Command::new("umount")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| Error::Config(format!("umount: {e}")))?;
+            attempt += 1;
+            if out.status.success() || attempt >= 20 {
+                break out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         if !out.status.success() {
             return Err(Error::backend(
                 "ext4",
