@@ -126,9 +126,13 @@ fn reduced_corpus_runs_through_the_baseline_and_every_slacker_path() {
     let paths = json["paths"].as_array().expect("paths");
     let names: Vec<&str> = paths.iter().filter_map(|p| p["path"].as_str()).collect();
     let nfs = std::env::var("SLACKER_NFS_ADDR").is_ok_and(|v| !v.is_empty());
-    let mut expected = vec!["baseline", "slacker", "slacker-lazy"];
+    let rbd = std::env::var("SLACKER_RBD_MON").is_ok_and(|v| !v.is_empty());
+    let mut expected = vec!["baseline", "slacker", "slacker-lazy", "slacker-lazy-trace"];
     if nfs {
         expected.push("slacker-nfs");
+    }
+    if rbd {
+        expected.push("slacker-rbd");
     }
     assert_eq!(names, expected);
 
