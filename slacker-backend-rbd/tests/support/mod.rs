@@ -148,6 +148,18 @@ impl RbdHarness {
             .unwrap_or_else(|e| panic!("open namespace {ns}: {e}"))
     }
 
+    /// A backend on namespace `ns` through a Ceph client of its own, named `host`: to the
+    /// cluster it is another host (its own locks, its own blocklist entry). Backends from
+    /// [`RbdHarness::open`] share the process's one client.
+    pub async fn open_as(&self, ns: &str, host: &str) -> RbdBackend {
+        let mut c = self.config(ns);
+        c.client_instance = format!("{ns}-{host}");
+        RbdBuilder::from_config(c)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("open namespace {ns} as host {host}: {e}"))
+    }
+
     pub fn fresh_namespace(&self) -> String {
         unique_namespace(self.test)
     }
