@@ -155,20 +155,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Deterministic pseudo-random bytes (xorshift).
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// A container's startup reads: `total` bytes in 4-64 KiB reads at fixed pseudo-random
 /// 4 KiB-aligned offsets of an image of `size` bytes.
 fn startup_trace(size: u64, total: u64) -> Vec<(u64, usize)> {
@@ -383,7 +369,7 @@ async fn push(b: &dyn Backend, name: &str, mib: u64) -> Res<SnapshotId> {
         .await
         .map_err(|e| e.to_string())?;
     for chunk in 0..mib / 4 {
-        let data = pattern(4 << 20, chunk ^ now_ms());
+        let data = slacker_testkit::checks::noise(4 << 20, chunk ^ now_ms());
         b.write_at(&v, chunk * (4 << 20), &data)
             .await
             .map_err(|e| e.to_string())?;
