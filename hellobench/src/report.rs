@@ -274,6 +274,7 @@ impl Results {
             s += &self.comparison_table(o);
         }
         s += &self.goals_table();
+        s += &crate::containerd::pair_markdown(self);
         if let Some(d) = &self.dedup {
             s += &dedup_table(d);
         }
