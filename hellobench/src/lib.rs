@@ -20,6 +20,7 @@ pub mod container;
 pub mod corpus;
 pub mod dedup;
 pub mod error;
+pub mod fairlink;
 pub mod nfs;
 pub mod path;
 pub mod preflight;
