@@ -11,6 +11,7 @@ use slacker_hellobench::baseline::Traditional;
 use slacker_hellobench::bench::{self, Plan};
 use slacker_hellobench::corpus::{self, BuiltImage, Store};
 use slacker_hellobench::error::{Context, Error, Result};
+use slacker_hellobench::fairlink::FairLink;
 use slacker_hellobench::preflight::{self, Preflight};
 use slacker_hellobench::registry::Registry;
 use slacker_hellobench::report::{self, Host, Results};
@@ -81,9 +82,10 @@ options:
                           the Ceph test cluster of slacker-backend-rbd/cluster;
                           naming either containerd-overlayfs or containerd-slacker measures
                           both: they are one pair, run by one containerd)
-  --link-latency-us N     slacker-lazy(-trace): emulated latency per storage request (default 200;
-                          0 with --link-mbit 0 turns the emulated link off)
-  --link-mbit N           slacker-lazy: emulated storage link bandwidth (default 1000; 0 = unlimited)
+  --link-latency-us N     emulated latency per request (default 200; 0 with --link-mbit 0 turns the
+                          emulated link off): slacker-lazy(-trace)'s storage, and the registry for
+                          every path (the fair link, src/fairlink.rs)
+  --link-mbit N           emulated link bandwidth, same two places (default 1000; 0 = unlimited)
   --busybox               use (and build) the busybox stand-in for package-less images even
                           where debootstrap works; images with packages are skipped (CI)
   --images FILE           another images.json (default: the one built into the binary)
@@ -511,7 +513,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
             "push: tar + gzip -6 (flate2/miniz_oxide) in memory, sha256, monolithic upload (oci-client 0.18) to docker-registry on 127.0.0.1; the image tree is in the page cache".into(),
             "pull: fresh client; manifest + config + layer download (digest-verified), then gunzip + untar to the host filesystem (no fsync)".into(),
             "run: overlayfs lower = unpacked image (host ext4), upper/work on a tmpfs (a different filesystem, AUFS-like copy-up); /proc + bind /dev; chroot; readiness rule from images.json; stop (untimed in cycles) = stop server, unmount /dev, /proc, overlay".into(),
-            "network: loopback, registry on the same 2 CPUs; bytes = blobs + config + manifest, no HTTP headers".into(),
+            "network: the registry (on the same 2 CPUs) behind the fair link (below): the storage link's latency and bandwidth; bytes = blobs + config + manifest, no HTTP headers".into(),
         ],
         skipped: Vec::new(),
         reps: args.reps.max(1),
@@ -536,6 +538,9 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 move || Registry::start(&d)
             })
             .await??;
+            // Every path reaches the registry through the emulated link (fairlink.rs).
+            let fair = FairLink::start(registry.addr(), args.link())?;
+            results.notes.push(fair.describe());
             let plan = |run: bool| Plan {
                 reps: args.reps.max(1),
                 run,
@@ -549,7 +554,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 if !pf.run {
                     skipped.push("baseline run phase: needs root, chroot, overlayfs and tmpfs (see the missing lines above)".into());
                 }
-                let mut trad = Traditional::new(registry.addr(), work, timeout, pf.run)?;
+                let mut trad = Traditional::new(fair.addr(), work, timeout, pf.run)?;
                 let pr = bench::measure(&mut trad, &images, plan(pf.run)).await;
                 ok &= all_ok(&pr);
                 layer_stats = trad.layer_stats().clone();
@@ -568,7 +573,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 let btrfs =
                     tokio::task::spawn_blocking(move || BtrfsImage::create(&cache_dir, size))
                         .await??;
-                let storage = Storage::open(&btrfs, registry.addr(), work).await?;
+                let storage = Storage::open(&btrfs, fair.addr(), work).await?;
                 for mode in slacker_modes {
                     let can_run = match mode {
                         Mode::Kernel => pf.slacker_run,
@@ -601,7 +606,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
             if args.wants("slacker-nfs") {
                 let pr = run_nfs(
                     &pf,
-                    registry.addr(),
+                    fair.addr(),
                     &images,
                     timeout,
                     work,
@@ -623,7 +628,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
             if args.wants("slacker-rbd") {
                 let pr = rbd::run(
                     &pf,
-                    registry.addr(),
+                    fair.addr(),
                     &images,
                     timeout,
                     work,
@@ -644,7 +649,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
             if args.wants(containerd::OVERLAYFS) || args.wants(containerd::SLACKER) {
                 let prs = containerd::run(
                     &pf,
-                    registry.addr(),
+                    fair.addr(),
                     &images,
                     timeout,
                     work,
@@ -658,6 +663,11 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                     results.paths.push(pr);
                 }
             }
+            results.notes.push(format!(
+                "fair link: {:?} crossed it during the run",
+                fair.stats()
+            ));
+            drop(fair);
             drop(registry);
         }
     }

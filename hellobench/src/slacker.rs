@@ -441,7 +441,7 @@ impl SlackerPath {
                 self.mode.name(),
                 match self.link {
                     Some(l) => format!(
-                        "Throttled({} µs per request, {} Mbit/s: an emulated network to the storage; the registry stays on loopback), ",
+                        "Throttled({} µs per request, {} Mbit/s: an emulated network to the storage; the registry is behind the same profile, see the fair link note), ",
                         l.latency.as_micros(),
                         l.bandwidth_bytes_per_sec.map_or(0, |b| b * 8 / 1_000_000)
                     ),
