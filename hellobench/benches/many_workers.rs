@@ -4,7 +4,8 @@
 //! N = 1, 2, 4, 8 worker processes, each in a network namespace of its own behind one
 //! shared emulated link (a bridge whose egress towards the workers is shaped with
 //! `tbf`, the recipe of COMPONENTS.md section 5), each with its own backend client and
-//! its own block cache, deploy the same image at the same instant. A deploy is what a
+//! its own block cache, deploy the same image at the same instant (all connect first,
+//! then all start). A deploy is what a
 //! slacker worker does before the container's first instruction: clone the image's
 //! snapshot into a volume of its own, open it lazily (`LazyVolume`) and read the blocks
 //! the container reads at startup (a fixed trace, the same for every worker). The
@@ -193,6 +194,7 @@ struct WorkerResult {
     deploy_ms: f64,
     bytes_read: u64,
     read_requests: u64,
+    /// From the spawn of the workers to this one's start (connects included).
     late_ms: u64,
 }
 
@@ -203,9 +205,17 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
         .parse()
         .map_err(|e: slacker_core::Error| e.to_string())?;
     let vol = VolumeId::new(&job.volume).map_err(|e| e.to_string())?;
-    let wait = job.start_at_ms.saturating_sub(now_ms());
+    // Connected: wait until every worker is, then start together.
+    println!("READY");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(|| {
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     let late_ms = now_ms().saturating_sub(job.start_at_ms);
-    tokio::time::sleep(Duration::from_millis(wait)).await;
     b.reset();
     let t = Instant::now();
     b.clone_snapshot(&snap, &vol)
@@ -411,7 +421,7 @@ async fn measure(
         for rep in 0..args.reps {
             let img = format!("img-{n}-{rep}");
             let snap = push(admin.as_ref(), &img, args.image_mib).await?;
-            let start_at = now_ms() + 4000;
+            let start_at = now_ms();
             let mut children = Vec::new();
             for i in 0..n {
                 let mut job = job_base.clone();
@@ -424,26 +434,39 @@ async fn measure(
                     .args(["netns", "exec", &netns(i)])
                     .arg(&exe)
                     .args(["--worker", &json])
+                    .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .map_err(|e| e.to_string())?;
                 children.push(child);
             }
-            tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(now_ms()))).await;
+            // Every worker connects its client first (seconds under load); the deploys
+            // start together once all have.
+            let mut outs = Vec::new();
+            for c in &mut children {
+                let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+                if !lines.any(|l| l.is_ok_and(|l| l == "READY")) {
+                    return Err(format!("a {kind} worker died before it was ready"));
+                }
+                outs.push(lines);
+            }
+            let connected_ms = now_ms() - start_at;
             let cpu0 = cpu_ms(server_pid)?;
-            for mut c in children {
-                let out = BufReader::new(c.stdout.take().unwrap())
-                    .lines()
+            for c in &mut children {
+                let mut stdin = c.stdin.take().unwrap();
+                stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
+            }
+            eprintln!("{kind} N={n} rep {rep}: all connected after {connected_ms} ms");
+            for (mut c, mut lines) in children.into_iter().zip(outs) {
+                let out = lines
+                    .by_ref()
                     .map_while(|l| l.ok())
                     .find_map(|l| l.strip_prefix("RESULT ").map(str::to_owned));
                 let status = c.wait().map_err(|e| e.to_string())?;
                 let r: WorkerResult =
                     serde_json::from_str(&out.ok_or(format!("{kind} worker failed ({status})"))?)
                         .map_err(|e| e.to_string())?;
-                if r.late_ms > 0 {
-                    eprintln!("note: a worker connected {} ms after the start", r.late_ms);
-                }
                 times.push(r.deploy_ms);
                 bytes.push(r.bytes_read);
             }
