@@ -403,8 +403,16 @@ async fn main_inner(cli: Cli) -> Result<(Value, i32)> {
             .await?
         }
         Cmd::Run { image, cmd } => {
-            let code = run::run(&ctx, &image, &cmd).await?;
-            return Ok((json!({"image": image, "exit_code": code}), code));
+            let r = run::run(&ctx, &image, &cmd).await?;
+            return Ok((
+                json!({
+                    "image": image,
+                    "exit_code": r.exit_code,
+                    "route": r.route,
+                    "fetched_bytes": r.fetched_bytes,
+                }),
+                r.exit_code,
+            ));
         }
         Cmd::Ls => ls(&ctx).await?,
         Cmd::Rm { image } => rm(&mut ctx, &image).await?,

@@ -3,13 +3,27 @@
 //! Env, WorkingDir and User through util-linux `unshare --root --wd --setuid --setgid`
 //! (no `unsafe` here: the chroot, chdir and id changes happen in that helper). Everything
 //! is torn down and the layer removed when the command exits.
+//!
+//! The clone reaches the loop device by [`slacker_fuse::Mount::for_volume`]'s route: on a
+//! backend with local volume files (btrfs) directly; otherwise (NFS, RBD) as a
+//! [`LazyVolume`](slacker_core::worker::LazyVolume) served through FUSE, so blocks are
+//! fetched from shared storage as the container reads them, each verified against the
+//! layer's Merkle root when it has one (the worker data path HelloBench's slacker-lazy
+//! path measures).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-use slacker_core::{Backend, Error, Result};
+use slacker_core::merkle::MerkleVerifier;
+use slacker_core::worker::{BlockCache, LazyVolumeOptions};
+use slacker_core::{BlockSize, Error, Result};
+use slacker_fuse::{Mount, MountOptions};
 
 use crate::Ctx;
+
+/// Block cache of a lazily read clone (FUSE route only): the run's working set.
+const RUN_CACHE_BYTES: u64 = 256 << 20;
 
 /// Mount points to unmount, innermost last.
 struct Mounts(Vec<PathBuf>);
@@ -114,11 +128,10 @@ struct Plan {
     workdir: String,
 }
 
-fn run_in(image: &Path, dir: &Path, plan: Plan) -> Result<i32> {
+fn run_in(root: &Mount, plan: Plan) -> Result<i32> {
+    let dir = root.root();
     let io = |e: std::io::Error| Error::backend("run", format!("{}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
     let mut mounts = Mounts(Vec::new());
-    mounts.mount(&["-t", "ext4", "-o", "loop"], image, dir)?;
     let proc = dir.join("proc");
     if !proc.exists() {
         std::fs::create_dir(&proc).map_err(io)?;
@@ -140,20 +153,30 @@ fn run_in(image: &Path, dir: &Path, plan: Plan) -> Result<i32> {
         .status()
         .map_err(|e| Error::Config(format!("unshare (util-linux): {e}")))?;
     drop(mounts);
-    let _ = std::fs::remove_dir(dir);
     use std::os::unix::process::ExitStatusExt;
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
+/// What a run did.
+pub struct RunReport {
+    /// The command's exit code (128 + signal if it was killed).
+    pub exit_code: i32,
+    /// How the clone reached the loop device: `local` (the backend's file) or `fuse`
+    /// (a lazy volume over shared storage).
+    pub route: &'static str,
+    /// Bytes the lazy volume fetched from the backend (FUSE route).
+    pub fetched_bytes: Option<u64>,
+}
+
 /// Runs `cmd` (or the image's Entrypoint + Cmd) in a fresh clone of local image `image`;
-/// returns the command's exit code.
+/// returns the command's exit code and the data path it took.
 ///
 /// # Errors
-/// `NotFound` for an unknown image; `InvalidInput` without a command; `Unsupported` on a
-/// backend without local volume files; mount and store errors.
-pub async fn run(ctx: &Ctx, image: &str, cmd: &[String]) -> Result<i32> {
+/// `NotFound` for an unknown image; `InvalidInput` without a command; `Integrity` when
+/// the layer's Merkle tree is missing; FUSE, loop, mount and store errors.
+pub async fn run(ctx: &Ctx, image: &str, cmd: &[String]) -> Result<RunReport> {
     let rec = ctx.images.get(image)?;
     let cfg = rec.config.config().clone().unwrap_or_default();
     let mut argv: Vec<String> = cfg.entrypoint().clone().unwrap_or_default();
@@ -199,18 +222,51 @@ pub async fn run(ctx: &Ctx, image: &str, cmd: &[String]) -> Result<i32> {
         .unwrap_or(0);
     let cid = format!("run-{}-{nanos}", std::process::id());
     ctx.store.create(&cid, Some(&rec.top)).await?;
-    let result = async {
+    let result: Result<RunReport> = async {
         let vol = ctx.store.get(&cid).await?;
-        let path = ctx.store.backend().local_path(&vol).await?;
-        let dir = ctx.state.join("run").join(&cid);
-        tokio::task::spawn_blocking(move || run_in(&path, &dir, plan))
-            .await
-            .map_err(|e| Error::backend("run", e.to_string()))?
+        let backend = ctx.store.backend().clone();
+        let mut lazy = LazyVolumeOptions::default();
+        if !backend.info().capabilities.local_path {
+            let info = ctx.store.layer(&rec.top).await?;
+            if let Some(m) = &info.merkle {
+                let v =
+                    MerkleVerifier::open(backend.clone(), m, info.size, BlockSize::DEFAULT).await?;
+                lazy = lazy.with_verifier(Arc::new(v));
+            }
+        }
+        let work = ctx.state.join("run");
+        std::fs::create_dir_all(&work)
+            .map_err(|e| Error::backend("run", format!("{}: {e}", work.display())))?;
+        let mount = Mount::for_volume(
+            backend,
+            vol,
+            Arc::new(BlockCache::new(RUN_CACHE_BYTES)),
+            lazy,
+            MountOptions::default().with_work_dir(work),
+        )
+        .await
+        .map_err(|e| Error::backend("run", format!("mounting the container's clone: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let code = run_in(&mount, plan);
+            let fetched = mount.volume().map(|v| v.metrics().fetched_bytes);
+            let down = mount
+                .unmount()
+                .map_err(|e| Error::backend("run", format!("teardown: {e}")));
+            let code = code?;
+            down?;
+            Ok(RunReport {
+                exit_code: code,
+                route: if fetched.is_some() { "fuse" } else { "local" },
+                fetched_bytes: fetched,
+            })
+        })
+        .await
+        .map_err(|e| Error::backend("run", e.to_string()))?
     }
     .await;
     let _ = ctx.store.put(&cid).await;
     let removed = ctx.store.remove(&cid).await;
-    let code = result?;
+    let report = result?;
     removed?;
-    Ok(code)
+    Ok(report)
 }

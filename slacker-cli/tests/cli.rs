@@ -108,13 +108,10 @@ fn json(config: &Path, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-#[test]
-fn convert_run_ls_rm_gc_on_btrfs() {
-    let Some((reg, btrfs)) = components() else {
-        return;
-    };
-    let work = tempfile::tempdir().unwrap();
-    let (base, app) = (work.path().join("base"), work.path().join("app"));
+/// Pushes the test's standard image (a busybox root, then the app's files, with a
+/// config) to `registry` as `std/<name>:v1` and returns its reference.
+fn push_app(registry: &str, work: &Path, name: &str) -> String {
+    let (base, app) = (work.join("base"), work.join("app"));
     busybox_root(&base);
     assert!(
         Command::new("cp")
@@ -160,8 +157,7 @@ fn convert_run_ls_rm_gc_on_btrfs() {
         )
         .build()
         .unwrap();
-    let src = format!("{}/std/app:v1", reg.addr());
-    let dst = format!("{}/slacker/app:v1", reg.addr());
+    let src = format!("{registry}/std/{name}:v1");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(
         RegistryClient::new(ClientOptions::plain_http()).push_layers(
@@ -172,6 +168,17 @@ fn convert_run_ls_rm_gc_on_btrfs() {
     )
     .unwrap();
 
+    src
+}
+
+#[test]
+fn convert_run_ls_rm_gc_on_btrfs() {
+    let Some((reg, btrfs)) = components() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let src = push_app(reg.addr(), work.path(), "app");
+    let dst = format!("{}/slacker/app:v1", reg.addr());
     let state = work.path().join("state");
     let data = btrfs.mnt.join("slacker");
     std::fs::create_dir(&data).unwrap();
@@ -240,6 +247,13 @@ fn convert_run_ls_rm_gc_on_btrfs() {
         &["run", &dst, "--", "/bin/sh", "-c", "echo own; exit 3"],
     );
     assert_eq!((code, out.trim()), (3, "own"));
+    // On btrfs the clone is loop-mounted from its local file (no FUSE).
+    let r = json(&config, &["run", &dst, "--", "/bin/sh", "-c", "exit 0"]);
+    assert_eq!(
+        (&r["route"], &r["exit_code"]),
+        (&Value::from("local"), &Value::from(0))
+    );
+    assert!(r["fetched_bytes"].is_null(), "{r}");
 
     // A standard client sees the original config in the plain export.
     if let Ok(o) = Command::new("skopeo")
@@ -279,4 +293,106 @@ fn convert_run_ls_rm_gc_on_btrfs() {
     let (code, _, err) = slacker(&config, &["run", &dst]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not found"), "{err}");
+}
+
+/// `slacker` on shared NFS storage (the knfsd VM `.ci/test` starts,
+/// `SLACKER_NFS_ADDR`): convert applies the layers into NFS volumes, and `run` reaches
+/// the container's clone through a lazy volume served by FUSE (no local volume files on
+/// NFS), fetching blocks from the server as the container reads them.
+#[test]
+fn convert_and_run_on_nfs_through_fuse() {
+    let Some(addr) = std::env::var("SLACKER_NFS_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+    else {
+        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+        return;
+    };
+    if !rustix::process::geteuid().is_root() {
+        skip_or_fail::<()>("the slacker CLI tests need root (FUSE, loop mounts)");
+        return;
+    }
+    if !Path::new("/bin/busybox").exists() || !Path::new("/dev/fuse").exists() {
+        skip_or_fail::<()>("/bin/busybox or /dev/fuse is missing");
+        return;
+    }
+    let reg = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            skip_or_fail::<()>(format!("no docker-registry: {e}"));
+            return;
+        }
+    };
+    let work = tempfile::tempdir().unwrap();
+    let src = push_app(reg.addr(), work.path(), "nfsapp");
+    let dst = format!("{}/slacker/nfsapp:v1", reg.addr());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nkind = \"nfs\"\nserver = \"{addr}\"\ndir = \"cli-{}-{nanos}\"\n\n\
+             [cli]\nstate = \"{}\"\nvolume_size = {}\n",
+            std::process::id(),
+            work.path().join("state").display(),
+            64u64 << 20
+        ),
+    )
+    .unwrap();
+
+    let v = json(&config, &["convert", "--plain-http", &src, &dst]);
+    assert_eq!(v["pull"]["layers"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["push"]["plain_export_lossless"], true, "{v}");
+
+    // The image's own Cmd, Env, WorkingDir and User, through FUSE.
+    let (code, out, err) = slacker(&config, &["run", &dst]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "hello world",
+            "hi from the config",
+            "/srv",
+            "1000",
+            "-rwsr-xr-x"
+        ],
+        "{err}"
+    );
+    // The data path and what it fetched; a command's writes stay in its own clone.
+    let (code, out, err) = slacker(
+        &config,
+        &[
+            "--json",
+            "run",
+            &dst,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo written > /tmp/note && cat /tmp/note >/dev/null",
+        ],
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    let r: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["route"], "fuse", "{r}");
+    assert!(r["fetched_bytes"].as_u64().unwrap() > 0, "{r}");
+    let (code, out, err) = slacker(
+        &config,
+        &[
+            "run",
+            &dst,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /tmp/note || echo absent",
+        ],
+    );
+    assert_eq!((code, out.trim()), (0, "absent"), "{err}");
+
+    let r = json(&config, &["rm", &dst]);
+    assert_eq!(r["removed_layers"].as_array().unwrap().len(), 2, "{r}");
+    let g = json(&config, &["gc"]);
+    assert_eq!(g["removed"].as_array().unwrap().len(), 4, "{g}");
 }

@@ -13,7 +13,13 @@
 //! minutes: `slacker-hellobench corpus --corpus full` caches it under
 //! `$SLACKER_CACHE/hellobench`); under `CI=true` (or `SLACKER_FIDELITY=ci`) the minbase
 //! tree plus `python3`; otherwise it runs on what is cached and prints `SKIPPED` if nothing
-//! is.
+//! is. Each image prints its phase times.
+//!
+//! Cost: the full corpus (shell, python3, perl, gcc, redis, nginx) took 911 s in a debug
+//! build at load average 12 on 2 cores, 103-225 s per image, most of it the plain export
+//! of `convert` (export, tar, gzip -6, upload) competing for CPU; CI runs the python3
+//! subset (~170 s at that load). Run the whole corpus outside CI with
+//! `SLACKER_FIDELITY=full cargo test -p slacker-cli --test fidelity -- --nocapture`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
