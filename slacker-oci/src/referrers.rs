@@ -24,12 +24,15 @@
 //! the tag (`oci-client`'s `pull_referrers`).
 
 use oci_client::Reference;
-use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor};
+use oci_client::manifest::{
+    ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex,
+};
+use oci_client::secrets::RegistryAuth;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use slacker_core::{BlockRange, BlockSize, Error, ErrorKind, Result};
 
-use crate::{RegistryClient, sha256_digest};
+use crate::{MAX_MANIFEST_BYTES, RegistryClient, read_capped, sha256_digest};
 
 fn oci_error(e: impl std::fmt::Display) -> Error {
     Error::backend("oci", e.to_string())
@@ -347,6 +350,48 @@ impl RegistryClient {
         })
     }
 
+    /// The referrers of `subject_digest` (entries of any artifact type) and the bytes of
+    /// their list: the referrers API, else the fallback tag; none when neither exists.
+    async fn trace_referrers(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        subject_digest: &str,
+    ) -> Result<(Vec<ImageIndexEntry>, u64)> {
+        if !self.open_registry(r, auth).await {
+            let index = self
+                .inner()
+                .pull_referrers(&with_digest(r, subject_digest), Some(TRACE_ARTIFACT_TYPE))
+                .await
+                .map_err(oci_error)?;
+            let bytes = serde_json::to_vec(&index)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0);
+            return Ok((index.manifests, bytes));
+        }
+        let url = format!(
+            "{}/v2/{}/referrers/{subject_digest}?artifactType={TRACE_ARTIFACT_TYPE}",
+            self.base_url(r),
+            r.repository()
+        );
+        let body = match self.get_ok(&url, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)).await {
+            Ok(resp) => read_capped(resp, MAX_MANIFEST_BYTES, &url).await?,
+            // No referrers API (distribution 2.8): the fallback tag.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let tagged = with_tag(r, &fallback_tag(subject_digest));
+                match self.manifest_raw(&tagged, auth).await {
+                    Ok((body, _)) => body,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let index: OciImageIndex = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("referrers of {subject_digest}: {e}")))?;
+        Ok((index.manifests, body.len() as u64))
+    }
+
     /// The newest startup trace attached to the image manifest `subject_digest` of
     /// `image`'s repository (referrers API, else the fallback tag), or `None` when it has
     /// none. Every manifest and blob is digest-checked.
@@ -368,16 +413,9 @@ impl RegistryClient {
                 "subject digest {subject_digest:?} is not sha256:<64 hex>"
             )));
         }
-        let index = self
-            .inner()
-            .pull_referrers(&with_digest(&r, subject_digest), Some(TRACE_ARTIFACT_TYPE))
-            .await
-            .map_err(oci_error)?;
-        let mut bytes = serde_json::to_vec(&index)
-            .map(|v| v.len() as u64)
-            .unwrap_or(0);
-        let Some(entry) = index
-            .manifests
+        let auth = self.prepare(&r).await?;
+        let (manifests, mut bytes) = self.trace_referrers(&r, &auth, subject_digest).await?;
+        let Some(entry) = manifests
             .iter()
             .rev()
             .find(|e| e.artifact_type.as_deref() == Some(TRACE_ARTIFACT_TYPE))
@@ -385,14 +423,8 @@ impl RegistryClient {
             return Ok(None);
         };
         let (body, _) = self
-            .inner()
-            .pull_manifest_raw(
-                &with_digest(&r, &entry.digest),
-                &oci_client::secrets::RegistryAuth::Anonymous,
-                &MANIFEST_TYPES,
-            )
-            .await
-            .map_err(oci_error)?;
+            .manifest_raw(&with_digest(&r, &entry.digest), &auth)
+            .await?;
         if sha256_digest(&body) != entry.digest {
             return Err(Error::Integrity(format!(
                 "trace manifest {} does not match its digest",
