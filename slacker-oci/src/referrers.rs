@@ -19,8 +19,8 @@
 //! `GET /v2/<name>/referrers/<digest>`. Debian's `docker-registry` (distribution 2.8)
 //! lacks it, so a push also maintains the spec's fallback: an image index tagged
 //! `sha256-<hex of the subject digest>` listing every referrer (read, extended, written
-//! back; two runtimes pushing traces for one image at the same moment may lose one entry,
-//! which only costs a prefetch). Fetching asks the referrers API first and falls back to
+//! back; the registry has no compare-and-swap, so each pusher checks after a pause that its
+//! entry is still listed and adds it again if a concurrent pusher overwrote it). Fetching asks the referrers API first and falls back to
 //! the tag (`oci-client`'s `pull_referrers`).
 
 use oci_client::Reference;
@@ -215,6 +215,12 @@ pub fn fallback_tag(subject_digest: &str) -> String {
     subject_digest.replacen(':', "-", 1)
 }
 
+/// Times a pusher re-adds its entry to the fallback index after losing it to a concurrent
+/// pusher before giving up.
+const INDEX_ATTEMPTS: usize = 8;
+/// Consecutive reads (a pause apart) that must list a pusher's entry.
+const INDEX_CHECKS: usize = 2;
+
 const MANIFEST_TYPES: [&str; 2] = [OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE];
 
 impl RegistryClient {
@@ -224,7 +230,13 @@ impl RegistryClient {
         let c = self.inner();
         let exists = c.blob_exists(r, &digest).await.map_err(oci_error)?;
         if !exists {
-            c.push_blob(r, data, &digest).await.map_err(oci_error)?;
+            if let Err(e) = c.push_blob(r, data, &digest).await {
+                // Another pusher uploading the same blob at once (the empty config of
+                // every trace) can make distribution answer 500; the blob is there then.
+                if !c.blob_exists(r, &digest).await.unwrap_or(false) {
+                    return Err(oci_error(e));
+                }
+            }
         }
         Ok((digest, size, !exists))
     }
@@ -308,13 +320,73 @@ impl RegistryClient {
         )
         .await?;
 
-        // The fallback tag: the referrers index, extended with this artifact.
+        // The fallback tag: the referrers index, extended with this artifact. The registry
+        // offers no compare-and-swap on tags, so two pushers can each read the index
+        // and write it back without the other's entry. Each pusher therefore checks,
+        // after a pause longer than its own read-modify-write took, that its entry is
+        // still listed, and adds it again if not (bounded attempts).
         let tag = fallback_tag(&subject_digest);
         let tagged = with_tag(&r, &tag);
-        let mut entries: Vec<Value> = match self
+        let entry = json!({
+            "mediaType": OCI_IMAGE_MEDIA_TYPE,
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "artifactType": TRACE_ARTIFACT_TYPE,
+        });
+        let mut seen = 0;
+        let mut attempts = 0;
+        let mut pause = std::time::Duration::from_millis(5);
+        while seen < INDEX_CHECKS {
+            let t = std::time::Instant::now();
+            let mut entries = self.fallback_entries(&tagged).await;
+            if entries
+                .iter()
+                .any(|e| e["digest"].as_str() == Some(manifest_digest.as_str()))
+            {
+                seen += 1;
+            } else {
+                if attempts == INDEX_ATTEMPTS {
+                    return Err(Error::backend(
+                        "oci",
+                        format!(
+                            "the referrers index {tag} lost the trace {manifest_digest} {INDEX_ATTEMPTS} times to concurrent pushers; the trace is stored but not listed"
+                        ),
+                    ));
+                }
+                attempts += 1;
+                seen = 0;
+                entries.push(entry.clone());
+                let index = serde_json::to_vec(&json!({
+                    "schemaVersion": 2,
+                    "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
+                    "manifests": entries,
+                }))
+                .expect("json");
+                uploaded += index.len() as u64;
+                self.put_raw(&tagged, OCI_IMAGE_INDEX_MEDIA_TYPE, index)
+                    .await?;
+                // Wait longer than this read-modify-write took (another pusher's that
+                // read before our write lands within it), jittered so pushers desynchronize.
+                let jitter = u64::from(std::process::id() ^ (attempts as u32 * 7919)) % 5;
+                pause = (t.elapsed() * 2).max(pause) + std::time::Duration::from_millis(jitter);
+            }
+            tokio::time::sleep(pause).await;
+        }
+        Ok(TracePush {
+            manifest_digest,
+            subject_digest,
+            bytes_uploaded: uploaded,
+            fallback_tag: tag,
+        })
+    }
+
+    /// The entries of the fallback index `tagged` (none when it does not exist or cannot
+    /// be read: an unreadable index is replaced).
+    async fn fallback_entries(&self, tagged: &Reference) -> Vec<Value> {
+        match self
             .inner()
             .pull_manifest_raw(
-                &tagged,
+                tagged,
                 &oci_client::secrets::RegistryAuth::Anonymous,
                 &MANIFEST_TYPES,
             )
@@ -324,30 +396,8 @@ impl RegistryClient {
                 .ok()
                 .and_then(|v| v["manifests"].as_array().cloned())
                 .unwrap_or_default(),
-            Err(_) => Vec::new(), // no index yet (or an unreadable one: replaced)
-        };
-        entries.retain(|e| e["digest"].as_str() != Some(manifest_digest.as_str()));
-        entries.push(json!({
-            "mediaType": OCI_IMAGE_MEDIA_TYPE,
-            "digest": manifest_digest,
-            "size": manifest_size,
-            "artifactType": TRACE_ARTIFACT_TYPE,
-        }));
-        let index = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
-            "manifests": entries,
-        }))
-        .expect("json");
-        uploaded += index.len() as u64;
-        self.put_raw(&tagged, OCI_IMAGE_INDEX_MEDIA_TYPE, index)
-            .await?;
-        Ok(TracePush {
-            manifest_digest,
-            subject_digest,
-            bytes_uploaded: uploaded,
-            fallback_tag: tag,
-        })
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The referrers of `subject_digest` (entries of any artifact type) and the bytes of
