@@ -54,6 +54,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod deploy;
 #[cfg(feature = "test-util")]
 pub mod local;
 pub mod referrers;
@@ -126,6 +127,36 @@ const MANIFEST_TYPES: [&str; 4] = [
 
 /// Layers bigger than this are spooled to a temporary file when pulled.
 const SPOOL_ABOVE: u64 = 64 << 20;
+
+/// Reference layers up to this size are fetched alongside the config.
+const EARLY_LAYER_BYTES: u64 = 64 << 10;
+
+/// Largest manifest or index read (the distribution spec lets registries refuse
+/// manifests above 4 MiB).
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// The body of `resp`, refused (`Integrity`) as soon as it passes `max` bytes: a registry
+/// cannot make a pull buffer more than the descriptor announced.
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    max: u64,
+    url: &str,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(usize::try_from(max.min(1 << 20)).unwrap_or(0));
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::backend("oci", format!("GET {url}: {e}")))?
+    {
+        if (out.len() + chunk.len()) as u64 > max {
+            return Err(Error::Integrity(format!(
+                "GET {url}: more than the {max} bytes expected"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
 
 fn oci_error(e: impl std::fmt::Display) -> Error {
     Error::backend("oci", e.to_string())
@@ -469,6 +500,13 @@ pub struct RegistryClient {
     options: ClientOptions,
     /// Credentials resolved per registry.
     auths: Mutex<HashMap<String, RegistryAuth>>,
+    /// Pulls from registries that need no authentication go over this one pool of
+    /// keep-alive connections, one request each: oci-client probes `GET /v2/` before
+    /// every request to such a registry (it caches tokens, not the absence of a
+    /// challenge), which doubled a pull's round trips.
+    http: reqwest::Client,
+    /// Per registry: whether `GET /v2/` answered 200 without a challenge (probed once).
+    open: Mutex<HashMap<String, bool>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -504,15 +542,140 @@ impl RegistryClient {
             ..Default::default()
         };
         install_tls_provider();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("slacker-oci/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
         Self {
             client: Client::new(config),
             options,
             auths: Mutex::new(HashMap::new()),
+            http,
+            open: Mutex::new(HashMap::new()),
         }
     }
 
+    /// `http://` or `https://` and the registry of `r`.
+    pub(crate) fn base_url(&self, r: &Reference) -> String {
+        let scheme = if self.options.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}", r.resolve_registry())
+    }
+
+    /// Whether pulls from `r`'s registry go over [`Self::http`]: anonymous access and a
+    /// registry whose `GET /v2/` answers 200 without a challenge (asked once per
+    /// registry; a registry that cannot be reached is asked again next time).
+    pub(crate) async fn open_registry(&self, r: &Reference, auth: &RegistryAuth) -> bool {
+        if !matches!(auth, RegistryAuth::Anonymous) {
+            return false;
+        }
+        let registry = r.resolve_registry().to_owned();
+        if let Some(&open) = self.open.lock().expect("open lock").get(&registry) {
+            return open;
+        }
+        let Ok(resp) = self
+            .http
+            .get(format!("{}/v2/", self.base_url(r)))
+            .send()
+            .await
+        else {
+            return false; // oci-client reports the failure
+        };
+        let open = resp.status().is_success()
+            && !resp
+                .headers()
+                .contains_key(reqwest::header::WWW_AUTHENTICATE);
+        // Read the body so the connection goes back to the pool.
+        let _ = resp.bytes().await;
+        self.open.lock().expect("open lock").insert(registry, open);
+        open
+    }
+
+    /// `GET url` on the open-registry pool: the response of a 2xx; `NotFound` for a 404;
+    /// else a `Backend` error naming the status.
+    pub(crate) async fn get_ok(
+        &self,
+        url: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response> {
+        let mut req = self.http.get(url);
+        if let Some(a) = accept {
+            req = req.header(reqwest::header::ACCEPT, a);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::backend("oci", format!("GET {url}: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(Error::not_found(
+                slacker_core::ObjectKind::Other,
+                format!("GET {url}"),
+            ));
+        }
+        Err(Error::backend(
+            "oci",
+            format!(
+                "GET {url}: {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(512)]).trim()
+            ),
+        ))
+    }
+
+    /// A manifest (or index) of `r` as bytes and its digest: the digest `r` names, else
+    /// the body's `sha256:`, checked against the registry's `Docker-Content-Digest`.
+    ///
+    /// # Errors
+    /// `Integrity` when the body does not match either; `Backend` for registry failures.
+    pub(crate) async fn manifest_raw(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+    ) -> Result<(Vec<u8>, String)> {
+        if !self.open_registry(r, auth).await {
+            let (body, digest) = self
+                .client
+                .pull_manifest_raw(r, auth, &MANIFEST_TYPES)
+                .await
+                .map_err(oci_error)?;
+            return Ok((body.to_vec(), digest));
+        }
+        let name = r.digest().or(r.tag()).unwrap_or("latest");
+        let url = format!(
+            "{}/v2/{}/manifests/{name}",
+            self.base_url(r),
+            r.repository()
+        );
+        let resp = self.get_ok(&url, Some(&MANIFEST_TYPES.join(", "))).await?;
+        let header = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_capped(resp, MAX_MANIFEST_BYTES, &url).await?;
+        let digest = sha256_digest(&body);
+        for claimed in [r.digest().map(str::to_owned), header]
+            .into_iter()
+            .flatten()
+        {
+            if claimed.starts_with("sha256:") && claimed != digest {
+                return Err(Error::Integrity(format!(
+                    "manifest {url} is {digest}, not {claimed}"
+                )));
+            }
+        }
+        Ok((body, digest))
+    }
+
     /// Resolves and stores the credentials for `r`'s registry (once per registry).
-    async fn prepare(&self, r: &Reference) -> Result<RegistryAuth> {
+    pub(crate) async fn prepare(&self, r: &Reference) -> Result<RegistryAuth> {
         let registry = r.resolve_registry().to_owned();
         let known = self
             .auths
@@ -872,11 +1035,7 @@ impl RegistryClient {
     pub async fn pull_manifest(&self, image: &str, want: &str) -> Result<PulledManifest> {
         let r = parse_ref(image)?;
         let auth = self.prepare(&r).await?;
-        let (body, digest) = self
-            .client
-            .pull_manifest_raw(&r, &auth, &MANIFEST_TYPES)
-            .await
-            .map_err(oci_error)?;
+        let (body, digest) = self.manifest_raw(&r, &auth).await?;
         let mut bytes = body.len() as u64;
         let probe: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| Error::invalid(format!("manifest of {image}: {e}")))?;
@@ -918,11 +1077,7 @@ impl RegistryClient {
                     )
                 })?;
             let d = entry.digest().to_string();
-            let (body, _) = self
-                .client
-                .pull_manifest_raw(&by_digest(&r, &d), &auth, &MANIFEST_TYPES)
-                .await
-                .map_err(oci_error)?;
+            let (body, _) = self.manifest_raw(&by_digest(&r, &d), &auth).await?;
             if sha256_digest(&body) != d {
                 return Err(Error::Integrity(format!(
                     "manifest {d} does not match its digest"
@@ -953,12 +1108,25 @@ impl RegistryClient {
     /// `Integrity` for a digest mismatch; `Backend` for registry failures.
     pub async fn pull_blob(&self, image: &str, desc: &Descriptor) -> Result<Vec<u8>> {
         let r = parse_ref(image)?;
-        self.prepare(&r).await?;
-        let mut out = Vec::with_capacity(usize::try_from(desc.size()).unwrap_or(0).min(1 << 30));
-        self.client
-            .pull_blob(&r, &to_client_desc(desc), &mut out)
-            .await
-            .map_err(blob_error)?;
+        let auth = self.prepare(&r).await?;
+        let out = if self.open_registry(&r, &auth).await {
+            let url = format!(
+                "{}/v2/{}/blobs/{}",
+                self.base_url(&r),
+                r.repository(),
+                desc.digest()
+            );
+            let resp = self.get_ok(&url, None).await?;
+            read_capped(resp, desc.size(), &url).await?
+        } else {
+            let mut out =
+                Vec::with_capacity(usize::try_from(desc.size()).unwrap_or(0).min(1 << 30));
+            self.client
+                .pull_blob(&r, &to_client_desc(desc), &mut out)
+                .await
+                .map_err(blob_error)?;
+            out
+        };
         if sha256_digest(&out) != desc.digest().to_string() {
             return Err(Error::Integrity(format!(
                 "blob {} does not match its digest",
@@ -1002,16 +1170,47 @@ impl RegistryClient {
         store: &LayerStore<B>,
         image: &str,
     ) -> Result<PullReport> {
-        let m = match self.pull_manifest(image, "reference").await {
+        let m = self.image_manifest(image).await?;
+        self.pull_manifested(store, image, m).await
+    }
+
+    /// The manifest [`pull_image`](Self::pull_image) uses: the slacker entry of an index,
+    /// else the plain one.
+    pub(crate) async fn image_manifest(&self, image: &str) -> Result<PulledManifest> {
+        match self.pull_manifest(image, "reference").await {
             Err(e) if e.kind() == slacker_core::ErrorKind::NotFound => {
-                self.pull_manifest(image, "plain").await?
+                self.pull_manifest(image, "plain").await
             }
-            other => other?,
-        };
+            other => other,
+        }
+    }
+
+    /// [`pull_image`](Self::pull_image) once the manifest is known.
+    pub(crate) async fn pull_manifested<B: Backend>(
+        &self,
+        store: &LayerStore<B>,
+        image: &str,
+        m: PulledManifest,
+    ) -> Result<PullReport> {
         if m.layers.is_empty() {
             return Err(Error::invalid(format!("image {image} has no layers")));
         }
-        let config = self.pull_blob(image, &m.config).await?;
+        // The config and the reference layers (2 KiB each) at once: the store can only
+        // say which layers it lacks once the config names their chain ids, and a
+        // reference layer costs less to fetch again than a round trip to wait for.
+        let early = async {
+            let mut out = BTreeMap::new();
+            for (i, desc) in m.layers.iter().enumerate() {
+                if desc.media_type().to_string() == REFERENCE_MEDIA_TYPE
+                    && desc.size() <= EARLY_LAYER_BYTES
+                {
+                    out.insert(i, self.pull_blob(image, desc).await?);
+                }
+            }
+            Ok::<_, Error>(out)
+        };
+        let (config, early) = tokio::join!(self.pull_blob(image, &m.config), early);
+        let (config, mut early) = (config?, early?);
         let cfg = ImageConfiguration::from_reader(&config[..])
             .map_err(|e| Error::invalid(format!("image config of {image}: {e}")))?;
         let diff_ids = cfg.rootfs().diff_ids().clone();
@@ -1046,7 +1245,9 @@ impl RegistryClient {
             if store.exists(&ids[i]).await? {
                 continue;
             }
-            let blob = if desc.size() > SPOOL_ABOVE {
+            let blob = if let Some(b) = early.remove(&i) {
+                Blob::Memory(b)
+            } else if desc.size() > SPOOL_ABOVE {
                 Blob::File(self.spool(image, desc).await?)
             } else {
                 Blob::Memory(self.pull_blob(image, desc).await?)

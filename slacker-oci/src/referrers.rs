@@ -19,17 +19,20 @@
 //! `GET /v2/<name>/referrers/<digest>`. Debian's `docker-registry` (distribution 2.8)
 //! lacks it, so a push also maintains the spec's fallback: an image index tagged
 //! `sha256-<hex of the subject digest>` listing every referrer (read, extended, written
-//! back; two runtimes pushing traces for one image at the same moment may lose one entry,
-//! which only costs a prefetch). Fetching asks the referrers API first and falls back to
+//! back; the registry has no compare-and-swap, so each pusher checks after a pause that its
+//! entry is still listed and adds it again if a concurrent pusher overwrote it). Fetching asks the referrers API first and falls back to
 //! the tag (`oci-client`'s `pull_referrers`).
 
 use oci_client::Reference;
-use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor};
+use oci_client::manifest::{
+    ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex,
+};
+use oci_client::secrets::RegistryAuth;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use slacker_core::{BlockRange, BlockSize, Error, ErrorKind, Result};
 
-use crate::{RegistryClient, sha256_digest};
+use crate::{MAX_MANIFEST_BYTES, RegistryClient, read_capped, sha256_digest};
 
 fn oci_error(e: impl std::fmt::Display) -> Error {
     Error::backend("oci", e.to_string())
@@ -212,6 +215,12 @@ pub fn fallback_tag(subject_digest: &str) -> String {
     subject_digest.replacen(':', "-", 1)
 }
 
+/// Times a pusher re-adds its entry to the fallback index after losing it to a concurrent
+/// pusher before giving up.
+const INDEX_ATTEMPTS: usize = 8;
+/// Consecutive reads (a pause apart) that must list a pusher's entry.
+const INDEX_CHECKS: usize = 2;
+
 const MANIFEST_TYPES: [&str; 2] = [OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE];
 
 impl RegistryClient {
@@ -221,7 +230,13 @@ impl RegistryClient {
         let c = self.inner();
         let exists = c.blob_exists(r, &digest).await.map_err(oci_error)?;
         if !exists {
-            c.push_blob(r, data, &digest).await.map_err(oci_error)?;
+            if let Err(e) = c.push_blob(r, data, &digest).await {
+                // Another pusher uploading the same blob at once (the empty config of
+                // every trace) can make distribution answer 500; the blob is there then.
+                if !c.blob_exists(r, &digest).await.unwrap_or(false) {
+                    return Err(oci_error(e));
+                }
+            }
         }
         Ok((digest, size, !exists))
     }
@@ -305,13 +320,73 @@ impl RegistryClient {
         )
         .await?;
 
-        // The fallback tag: the referrers index, extended with this artifact.
+        // The fallback tag: the referrers index, extended with this artifact. The registry
+        // offers no compare-and-swap on tags, so two pushers can each read the index
+        // and write it back without the other's entry. Each pusher therefore checks,
+        // after a pause longer than its own read-modify-write took, that its entry is
+        // still listed, and adds it again if not (bounded attempts).
         let tag = fallback_tag(&subject_digest);
         let tagged = with_tag(&r, &tag);
-        let mut entries: Vec<Value> = match self
+        let entry = json!({
+            "mediaType": OCI_IMAGE_MEDIA_TYPE,
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "artifactType": TRACE_ARTIFACT_TYPE,
+        });
+        let mut seen = 0;
+        let mut attempts = 0;
+        let mut pause = std::time::Duration::from_millis(5);
+        while seen < INDEX_CHECKS {
+            let t = std::time::Instant::now();
+            let mut entries = self.fallback_entries(&tagged).await;
+            if entries
+                .iter()
+                .any(|e| e["digest"].as_str() == Some(manifest_digest.as_str()))
+            {
+                seen += 1;
+            } else {
+                if attempts == INDEX_ATTEMPTS {
+                    return Err(Error::backend(
+                        "oci",
+                        format!(
+                            "the referrers index {tag} lost the trace {manifest_digest} {INDEX_ATTEMPTS} times to concurrent pushers; the trace is stored but not listed"
+                        ),
+                    ));
+                }
+                attempts += 1;
+                seen = 0;
+                entries.push(entry.clone());
+                let index = serde_json::to_vec(&json!({
+                    "schemaVersion": 2,
+                    "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
+                    "manifests": entries,
+                }))
+                .expect("json");
+                uploaded += index.len() as u64;
+                self.put_raw(&tagged, OCI_IMAGE_INDEX_MEDIA_TYPE, index)
+                    .await?;
+                // Wait longer than this read-modify-write took (another pusher's that
+                // read before our write lands within it), jittered so pushers desynchronize.
+                let jitter = u64::from(std::process::id() ^ (attempts as u32 * 7919)) % 5;
+                pause = (t.elapsed() * 2).max(pause) + std::time::Duration::from_millis(jitter);
+            }
+            tokio::time::sleep(pause).await;
+        }
+        Ok(TracePush {
+            manifest_digest,
+            subject_digest,
+            bytes_uploaded: uploaded,
+            fallback_tag: tag,
+        })
+    }
+
+    /// The entries of the fallback index `tagged` (none when it does not exist or cannot
+    /// be read: an unreadable index is replaced).
+    async fn fallback_entries(&self, tagged: &Reference) -> Vec<Value> {
+        match self
             .inner()
             .pull_manifest_raw(
-                &tagged,
+                tagged,
                 &oci_client::secrets::RegistryAuth::Anonymous,
                 &MANIFEST_TYPES,
             )
@@ -321,30 +396,50 @@ impl RegistryClient {
                 .ok()
                 .and_then(|v| v["manifests"].as_array().cloned())
                 .unwrap_or_default(),
-            Err(_) => Vec::new(), // no index yet (or an unreadable one: replaced)
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The referrers of `subject_digest` (entries of any artifact type) and the bytes of
+    /// their list: the referrers API, else the fallback tag; none when neither exists.
+    async fn trace_referrers(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        subject_digest: &str,
+    ) -> Result<(Vec<ImageIndexEntry>, u64)> {
+        if !self.open_registry(r, auth).await {
+            let index = self
+                .inner()
+                .pull_referrers(&with_digest(r, subject_digest), Some(TRACE_ARTIFACT_TYPE))
+                .await
+                .map_err(oci_error)?;
+            let bytes = serde_json::to_vec(&index)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0);
+            return Ok((index.manifests, bytes));
+        }
+        let url = format!(
+            "{}/v2/{}/referrers/{subject_digest}?artifactType={TRACE_ARTIFACT_TYPE}",
+            self.base_url(r),
+            r.repository()
+        );
+        let body = match self.get_ok(&url, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)).await {
+            Ok(resp) => read_capped(resp, MAX_MANIFEST_BYTES, &url).await?,
+            // No referrers API (distribution 2.8): the fallback tag.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let tagged = with_tag(r, &fallback_tag(subject_digest));
+                match self.manifest_raw(&tagged, auth).await {
+                    Ok((body, _)) => body,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
         };
-        entries.retain(|e| e["digest"].as_str() != Some(manifest_digest.as_str()));
-        entries.push(json!({
-            "mediaType": OCI_IMAGE_MEDIA_TYPE,
-            "digest": manifest_digest,
-            "size": manifest_size,
-            "artifactType": TRACE_ARTIFACT_TYPE,
-        }));
-        let index = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
-            "manifests": entries,
-        }))
-        .expect("json");
-        uploaded += index.len() as u64;
-        self.put_raw(&tagged, OCI_IMAGE_INDEX_MEDIA_TYPE, index)
-            .await?;
-        Ok(TracePush {
-            manifest_digest,
-            subject_digest,
-            bytes_uploaded: uploaded,
-            fallback_tag: tag,
-        })
+        let index: OciImageIndex = serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("referrers of {subject_digest}: {e}")))?;
+        Ok((index.manifests, body.len() as u64))
     }
 
     /// The newest startup trace attached to the image manifest `subject_digest` of
@@ -368,16 +463,9 @@ impl RegistryClient {
                 "subject digest {subject_digest:?} is not sha256:<64 hex>"
             )));
         }
-        let index = self
-            .inner()
-            .pull_referrers(&with_digest(&r, subject_digest), Some(TRACE_ARTIFACT_TYPE))
-            .await
-            .map_err(oci_error)?;
-        let mut bytes = serde_json::to_vec(&index)
-            .map(|v| v.len() as u64)
-            .unwrap_or(0);
-        let Some(entry) = index
-            .manifests
+        let auth = self.prepare(&r).await?;
+        let (manifests, mut bytes) = self.trace_referrers(&r, &auth, subject_digest).await?;
+        let Some(entry) = manifests
             .iter()
             .rev()
             .find(|e| e.artifact_type.as_deref() == Some(TRACE_ARTIFACT_TYPE))
@@ -385,14 +473,8 @@ impl RegistryClient {
             return Ok(None);
         };
         let (body, _) = self
-            .inner()
-            .pull_manifest_raw(
-                &with_digest(&r, &entry.digest),
-                &oci_client::secrets::RegistryAuth::Anonymous,
-                &MANIFEST_TYPES,
-            )
-            .await
-            .map_err(oci_error)?;
+            .manifest_raw(&with_digest(&r, &entry.digest), &auth)
+            .await?;
         if sha256_digest(&body) != entry.digest {
             return Err(Error::Integrity(format!(
                 "trace manifest {} does not match its digest",

@@ -118,3 +118,64 @@ async fn image_with_other_content(
         .unwrap();
     c.pull_manifest(&image, "reference").await.unwrap().digest
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pushers_do_not_lose_each_others_index_entries() {
+    let Some(addr) = registry() else { return };
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&b, d.path(), "push").await;
+    let v = s.create("img", None).await.unwrap();
+    b.write_at(&v, 0, &content(64 << 10, 9)).await.unwrap();
+    let image = image(&addr, "referrers-race", "v1");
+    let c = RegistryClient::new(ClientOptions::plain_http());
+    c.push_image(&s, "img", &image, &PushOptions::default())
+        .await
+        .unwrap();
+    // Eight runtimes attach their traces to the same image at the same moment.
+    let pushers: Vec<_> = (0..8u32)
+        .map(|i| {
+            let image = image.clone();
+            tokio::spawn(async move {
+                let t = StartupTrace::new(BlockSize::DEFAULT, 1024, [BlockRange::new(i, i + 1)]);
+                RegistryClient::new(ClientOptions::plain_http())
+                    .push_trace(&image, &t)
+                    .await
+            })
+        })
+        .collect();
+    let mut pushed = Vec::new();
+    for p in pushers {
+        pushed.push(p.await.unwrap().unwrap());
+    }
+    let (host_repo, _) = image.rsplit_once(':').unwrap();
+    let (host, repo) = host_repo.split_once('/').unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-fsS",
+            "-H",
+            "Accept: application/vnd.oci.image.index.v1+json",
+            &format!(
+                "http://{host}/v2/{repo}/manifests/{}",
+                pushed[0].fallback_tag
+            ),
+        ])
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    let idx: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<&str> = idx["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["digest"].as_str())
+        .collect();
+    for p in &pushed {
+        assert!(
+            listed.contains(&p.manifest_digest.as_str()),
+            "{} lost: {listed:?}",
+            p.manifest_digest
+        );
+    }
+    assert_eq!(listed.len(), 8, "no duplicates: {listed:?}");
+}
