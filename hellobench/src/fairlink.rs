@@ -89,6 +89,17 @@ impl LinkStats {
     }
 }
 
+/// What a run records about its fair link (in `results.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FairLinkReport {
+    /// Latency per request/response, µs (0: none).
+    pub latency_us: u64,
+    /// Bandwidth, bytes per second (`None`: unlimited).
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// What crossed it during the run.
+    pub stats: LinkStats,
+}
+
 /// One direction of the link: its virtual clock and its delivered-bytes counter.
 #[derive(Debug, Default)]
 struct Direction {
@@ -193,6 +204,18 @@ impl FairLink {
             up_bytes: self.shared.up.bytes.load(Ordering::Relaxed),
             down_bytes: self.shared.down.bytes.load(Ordering::Relaxed),
             connections: self.shared.connections.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The profile and the bytes moved so far, for `results.json`.
+    pub fn report(&self) -> FairLinkReport {
+        FairLinkReport {
+            latency_us: self
+                .shared
+                .profile
+                .map_or(0, |p| p.latency.as_micros() as u64),
+            bandwidth_bytes_per_sec: self.shared.profile.and_then(|p| p.bandwidth_bytes_per_sec),
+            stats: self.stats(),
         }
     }
 

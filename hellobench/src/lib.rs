@@ -22,6 +22,7 @@ pub mod corpus;
 pub mod dedup;
 pub mod error;
 pub mod fairlink;
+pub mod goals;
 pub mod nfs;
 pub mod path;
 pub mod preflight;

@@ -23,11 +23,12 @@ use slacker_hellobench::{containerd, dedup, nfs, progress, rbd, sys};
 mod setup;
 
 /// Every path, in measuring order.
-const ALL_PATHS: [&str; 8] = [
+const ALL_PATHS: [&str; 9] = [
     "baseline",
     "slacker",
     "slacker-lazy",
     "slacker-lazy-trace",
+    "slacker-lazy-nora",
     "slacker-nfs",
     "slacker-rbd",
     containerd::OVERLAYFS,
@@ -55,10 +56,10 @@ btrfs-progs, e2fsprogs). A host that cannot build the real corpus fails with the
 
 commands:
   bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
-           slacker, slacker-lazy, slacker-lazy-trace, and slacker-nfs when SLACKER_NFS_ADDR
-           is set; the containerd pair containerd-overlayfs + containerd-slacker, ctr + runc
-           on containerd's overlayfs vs slacker-snapshotter, when containerd is installed), dedup
-           analysis, write results
+           slacker, slacker-lazy, slacker-lazy-trace, slacker-lazy-nora, and slacker-nfs when
+           SLACKER_NFS_ADDR is set; the containerd pair containerd-overlayfs +
+           containerd-slacker, ctr + runc on containerd's overlayfs vs slacker-snapshotter,
+           when containerd is installed), dedup analysis, write results with the issue-14 goals
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
   check    say what this host can run and what is missing
@@ -69,13 +70,16 @@ options:
                           stand-in, no dedup analysis (= --corpus reduced --busybox --no-dedup)
   --no-install            do not apt-get install missing packages (root)
   --no-sudo               do not re-run with sudo when not root (measure what a user can)
-  --corpus reduced|full   which images (default: full; reduced = just `shell`, for CI)
+  --corpus reduced|full|heavy
+                          which images (default: full; reduced = just `shell`, for CI;
+                          heavy = only the heavy images, startup reads >= 50 MB, own tables)
   --only a,b              only these images (names from images.json)
   --out DIR               results directory (default: $SLACKER_CACHE/hellobench/results,
                           SLACKER_CACHE defaults to /var/cache/slacker)
   --reps N                repetitions per image, median reported (default: 1)
   --paths a,b             which paths to measure (default: baseline,slacker,slacker-lazy,
-                          slacker-lazy-trace (fresh worker, startup trace prefetched), plus
+                          slacker-lazy-trace (fresh worker, startup trace prefetched),
+                          slacker-lazy-nora (worker read-ahead off: the bytes reference), plus
                           slacker-nfs if SLACKER_NFS_ADDR=host:port is set; naming slacker-nfs
                           without it starts/reuses the knfsd VM, slacker-backend-nfs/server;
                           slacker-rbd likewise with SLACKER_RBD_MON (+ SLACKER_RBD_KEYRING) or
@@ -164,8 +168,9 @@ fn parse_args() -> Result<Args> {
             "bench" | "corpus" | "dedup" | "check" | "report" if first => a.command = arg,
             "--corpus" => {
                 let v = val("--corpus")?;
-                a.corpus = Corpus::parse(&v)
-                    .ok_or_else(|| Error::msg(format!("--corpus {v}: use reduced or full")))?;
+                a.corpus = Corpus::parse(&v).ok_or_else(|| {
+                    Error::msg(format!("--corpus {v}: use reduced, full or heavy"))
+                })?;
             }
             "--only" => {
                 a.only = Some(
@@ -308,7 +313,12 @@ fn main() -> ExitCode {
     storage::detach_loops_under(&work);
     sys::unmount_under(&work);
     storage::emergency_cleanup();
-    sys::emergency_cleanup(&[work.as_path(), cache.dir()]);
+    // Not the whole cache: other runs' btrfs filesystems live under cache/btrfs/<pid>
+    // (this run's was torn down above); only the corpus builds' chroot mounts.
+    let corpus_dirs = ["images", "base", "base.partial"].map(|d| cache.dir().join(d));
+    let mut dirs = vec![work.as_path()];
+    dirs.extend(corpus_dirs.iter().map(PathBuf::as_path));
+    sys::emergency_cleanup(&dirs);
     if args.work.is_none() && work.exists() {
         progress!("removing scratch directory {}", work.display());
         if let Err(e) = sys::remove_tree(&work) {
@@ -520,6 +530,8 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
         paths: Vec::new(),
         speedups: Vec::new(),
         dedup: None,
+        fair_link: None,
+        goals: None,
     };
     let mut ok = skipped.is_empty();
     let skipped_corpus = skipped.len(); // already reported
@@ -561,10 +573,15 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 results.paths.push(pr);
                 drop(trad);
             }
-            let slacker_modes: Vec<Mode> = [Mode::Kernel, Mode::Lazy, Mode::LazyTrace]
-                .into_iter()
-                .filter(|m| args.wants(m.name()))
-                .collect();
+            let slacker_modes: Vec<Mode> = [
+                Mode::Kernel,
+                Mode::Lazy,
+                Mode::LazyTrace,
+                Mode::LazyNoReadAhead,
+            ]
+            .into_iter()
+            .filter(|m| args.wants(m.name()))
+            .collect();
             if !slacker_modes.is_empty() && !pf.slacker {
                 skipped.push("slacker paths: need a btrfs (root + btrfs-progs, or SLACKER_BTRFS_ROOT) and e2fsprogs (see the missing lines above)".into());
             } else if !slacker_modes.is_empty() {
@@ -577,7 +594,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                 for mode in slacker_modes {
                     let can_run = match mode {
                         Mode::Kernel => pf.slacker_run,
-                        Mode::Lazy | Mode::LazyTrace => pf.slacker_lazy_run,
+                        Mode::Lazy | Mode::LazyTrace | Mode::LazyNoReadAhead => pf.slacker_lazy_run,
                         Mode::Nfs | Mode::Rbd => pf.slacker_nfs_run,
                     };
                     if !can_run {
@@ -587,11 +604,12 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                             if mode != Mode::Kernel { " and /dev/fuse" } else { "" }
                         ));
                     }
-                    let link = if matches!(mode, Mode::Lazy | Mode::LazyTrace) {
-                        args.link()
-                    } else {
-                        None
-                    };
+                    let link =
+                        if matches!(mode, Mode::Lazy | Mode::LazyTrace | Mode::LazyNoReadAhead) {
+                            args.link()
+                        } else {
+                            None
+                        };
                     let mut path =
                         SlackerPath::new(mode, storage.clone(), link, timeout, work).await?;
                     results.notes.push(path.describe());
@@ -663,10 +681,7 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                     results.paths.push(pr);
                 }
             }
-            results.notes.push(format!(
-                "fair link: {:?} crossed it during the run",
-                fair.stats()
-            ));
+            results.fair_link = Some(fair.report());
             drop(fair);
             drop(registry);
         }
@@ -681,6 +696,10 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
     }
     results.skipped = skipped;
     results.speedups = results.compute_speedups();
+    results.goals = Some(slacker_hellobench::goals::compute(
+        &results.paths,
+        results.fair_link.as_ref(),
+    ));
     let prefix = if args.command == "dedup" {
         "dedup"
     } else {

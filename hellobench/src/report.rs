@@ -55,6 +55,12 @@ pub struct Results {
     pub speedups: Vec<PathSpeedups>,
     /// Figure 7.
     pub dedup: Option<DedupReport>,
+    /// The registry's emulated link (every path reaches the registry through it).
+    #[serde(default)]
+    pub fair_link: Option<crate::fairlink::FairLinkReport>,
+    /// Issue 14's goals, computed from this run.
+    #[serde(default)]
+    pub goals: Option<crate::goals::Goals>,
 }
 
 /// Baseline seconds / path seconds, per phase and cycle (> 1: the path is faster).
@@ -275,6 +281,9 @@ impl Results {
         }
         s += &self.goals_table();
         s += &crate::containerd::pair_markdown(self);
+        if let Some(g) = &self.goals {
+            s += &g.markdown(self.fair_link.as_ref());
+        }
         if let Some(d) = &self.dedup {
             s += &dedup_table(d);
         }
@@ -899,6 +908,8 @@ mod tests {
             paths: vec![path(BASELINE, 8.0, 20.0), path(SLACKER, 0.5, 1.0)],
             speedups: Vec::new(),
             dedup: None,
+            fair_link: None,
+            goals: None,
         };
         let s = r.compute_speedups();
         assert_eq!(s.len(), 1);

@@ -93,6 +93,10 @@ pub enum Mode {
     /// referrer) with the pull and prefetches it while the container starts:
     /// `slacker-lazy-trace`. The trace is recorded by an untimed deploy in `prepare`.
     LazyTrace,
+    /// As [`Mode::Lazy`] with the worker's read-ahead off (none on a miss, no sequential
+    /// window): what the container itself reads, the reference for the bytes a trace-guided
+    /// start fetches: `slacker-lazy-nora`.
+    LazyNoReadAhead,
     /// As [`Mode::Lazy`], over an NFS backend (the knfsd VM): the real network path, no
     /// emulated link: `slacker-nfs`.
     Nfs,
@@ -107,6 +111,7 @@ impl Mode {
             Self::Kernel => "slacker",
             Self::Lazy => "slacker-lazy",
             Self::LazyTrace => "slacker-lazy-trace",
+            Self::LazyNoReadAhead => "slacker-lazy-nora",
             Self::Nfs => "slacker-nfs",
             Self::Rbd => "slacker-rbd",
         }
@@ -383,7 +388,7 @@ impl SlackerPath {
                 let c = Arc::new(Counting::new(storage.backend.clone()));
                 (c.clone() as Arc<dyn Backend>, Some(c), None)
             }
-            Mode::Lazy | Mode::LazyTrace => {
+            Mode::Lazy | Mode::LazyTrace | Mode::LazyNoReadAhead => {
                 let inner: Arc<dyn Backend> = match link {
                     Some(p) => Arc::new(Throttled::new(storage.backend.clone(), p)),
                     None => storage.backend.clone(),
@@ -396,6 +401,7 @@ impl SlackerPath {
             Mode::Kernel => "worker",
             Mode::Lazy => "worker-lazy",
             Mode::LazyTrace => "worker-trace",
+            Mode::LazyNoReadAhead => "worker-nora",
             Mode::Nfs => "worker-nfs",
             Mode::Rbd => "worker-rbd",
         };
@@ -436,9 +442,14 @@ impl SlackerPath {
                 self.mode.name(),
                 self.storage.describe()
             ),
-            Mode::Lazy | Mode::LazyTrace => format!(
-                "{}: as slacker, but run = get + LazyVolume (default options: 16 KiB read-ahead on a miss, sequential window up to 1 MiB) over Counting({}btrfs) + FUSE disk.img + losetup + mount ext4; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness; every fetched block verified against the reference layer's Merkle root{}",
+            Mode::Lazy | Mode::LazyTrace | Mode::LazyNoReadAhead => format!(
+                "{}: as slacker, but run = get + LazyVolume ({}) over Counting({}btrfs) + FUSE disk.img + losetup + mount ext4; one 1 GiB BlockCache shared by all runs of the path; fetched = backend bytes read before readiness; every fetched block verified against the reference layer's Merkle root{}",
                 self.mode.name(),
+                if self.mode == Mode::LazyNoReadAhead {
+                    "read-ahead off: no read-ahead on a miss, no sequential window"
+                } else {
+                    "default options: 16 KiB read-ahead on a miss, sequential window up to 1 MiB"
+                },
                 match self.link {
                     Some(l) => format!(
                         "Throttled({} µs per request, {} Mbit/s: an emulated network to the storage; the registry is behind the same profile, see the fair link note), ",
@@ -711,9 +722,12 @@ impl BenchPath for SlackerPath {
                 })
                 .await
             }
-            Mode::Lazy | Mode::LazyTrace | Mode::Nfs | Mode::Rbd => {
+            Mode::Lazy | Mode::LazyTrace | Mode::LazyNoReadAhead | Mode::Nfs | Mode::Rbd => {
                 let info = self.worker.layer(&top).await?;
                 let mut options = LazyVolumeOptions::default();
+                if self.mode == Mode::LazyNoReadAhead {
+                    options = options.with_read_ahead(0).with_max_read_ahead(0);
+                }
                 if let Some(m) = &info.merkle {
                     let v = MerkleVerifier::open(
                         self.data.clone(),
@@ -778,7 +792,7 @@ impl BenchPath for SlackerPath {
         // what a shared-storage deployment would have fetched.
         let fetched = match self.mode {
             Mode::Kernel => read,
-            Mode::Lazy | Mode::LazyTrace | Mode::Nfs | Mode::Rbd => fetched,
+            Mode::Lazy | Mode::LazyTrace | Mode::LazyNoReadAhead | Mode::Nfs | Mode::Rbd => fetched,
         };
         Ok(Step {
             network_bytes: fetched,
@@ -791,9 +805,11 @@ impl BenchPath for SlackerPath {
                 (
                     match self.mode {
                         Mode::Kernel => "loop mount".into(),
-                        Mode::Lazy | Mode::LazyTrace | Mode::Nfs | Mode::Rbd => {
-                            "FUSE + loop mount".into()
-                        }
+                        Mode::Lazy
+                        | Mode::LazyTrace
+                        | Mode::LazyNoReadAhead
+                        | Mode::Nfs
+                        | Mode::Rbd => "FUSE + loop mount".into(),
                     },
                     t_mount,
                 ),

@@ -14,17 +14,31 @@ pub const BUILTIN_IMAGES_JSON: &str = include_str!("../images.json");
 pub enum Corpus {
     /// Just `shell` (a minbase tree, or a busybox tree when debootstrap is missing): for CI.
     Reduced,
-    /// Every image in `images.json`.
+    /// Every image of the full corpus (`reduced` and `full` images).
     Full,
+    /// Only the heavy images: language runtimes and servers whose startup reads 50 MB or more
+    /// (where the lazy path is link-bound). Measured in a run of their own, so their own
+    /// tables and medians never mix with the main corpus's.
+    Heavy,
 }
 
 impl Corpus {
-    /// Parse `reduced` / `full`.
+    /// Parse `reduced` / `full` / `heavy`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "reduced" => Some(Self::Reduced),
             "full" => Some(Self::Full),
+            "heavy" => Some(Self::Heavy),
             _ => None,
+        }
+    }
+
+    /// Whether this selection includes an image tagged `image`.
+    pub fn includes(self, image: Corpus) -> bool {
+        match self {
+            Self::Reduced => image == Self::Reduced,
+            Self::Full => image != Self::Heavy,
+            Self::Heavy => image == Self::Heavy,
         }
     }
 }
@@ -137,7 +151,7 @@ impl Spec {
         Ok(self
             .images
             .iter()
-            .filter(|i| corpus == Corpus::Full || i.corpus == Corpus::Reduced)
+            .filter(|i| corpus.includes(i.corpus))
             .filter(|i| only.is_none_or(|o| o.contains(&i.name)))
             .cloned()
             .collect())
@@ -165,5 +179,11 @@ mod tests {
         let only = s.select(Corpus::Full, Some(&["perl".into()])).unwrap();
         assert_eq!(only.len(), 1);
         assert!(s.select(Corpus::Full, Some(&["nope".into()])).is_err());
+        // The heavy images are their own selection: never in the full (or reduced) corpus.
+        let heavy = s.select(Corpus::Heavy, None).unwrap();
+        assert!(heavy.len() >= 3);
+        assert!(heavy.iter().all(|i| i.corpus == Corpus::Heavy));
+        assert!(full.iter().all(|i| i.corpus != Corpus::Heavy));
+        assert!(!full.iter().any(|f| heavy.iter().any(|h| h.name == f.name)));
     }
 }

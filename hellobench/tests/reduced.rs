@@ -129,7 +129,13 @@ fn reduced_corpus_runs_through_the_baseline_and_every_slacker_path() {
     let names: Vec<&str> = paths.iter().filter_map(|p| p["path"].as_str()).collect();
     let nfs = std::env::var("SLACKER_NFS_ADDR").is_ok_and(|v| !v.is_empty());
     let rbd = std::env::var("SLACKER_RBD_MON").is_ok_and(|v| !v.is_empty());
-    let mut expected = vec!["baseline", "slacker", "slacker-lazy", "slacker-lazy-trace"];
+    let mut expected = vec![
+        "baseline",
+        "slacker",
+        "slacker-lazy",
+        "slacker-lazy-trace",
+        "slacker-lazy-nora",
+    ];
     if nfs {
         expected.push("slacker-nfs");
     }
@@ -208,6 +214,25 @@ fn reduced_corpus_runs_through_the_baseline_and_every_slacker_path() {
             num(&s["of_medians"][field], &format!("speedup {field}"));
             num(&s["median_of_images"][field], &format!("speedup {field}"));
         }
+    }
+    // Issue 14: the registry sat behind the fair link, which carried the pushes and pulls,
+    // and every goal has a value (all the paths it divides were measured).
+    let link = &json["fair_link"];
+    assert_eq!(num(&link["latency_us"], "fair link latency"), 200.0);
+    let down = num(&link["stats"]["down_bytes"], "fair link bytes down");
+    let pulled: f64 = paths
+        .iter()
+        .flat_map(|p| p["images"][0]["reps"].as_array().unwrap().iter())
+        .map(|r| num(&r["pull"]["step"]["network_bytes"], "pull network bytes"))
+        .sum();
+    assert!(
+        down >= pulled,
+        "the pulls moved {pulled} B but only {down} B crossed the fair link"
+    );
+    let goals = json["goals"]["goals"].as_array().expect("goals");
+    assert!(goals.len() >= 5);
+    for g in goals {
+        num(&g["value"], &format!("goal {} on {}", g["goal"], g["path"]));
     }
     let _ = std::fs::remove_dir_all(&out);
 }
