@@ -1,7 +1,8 @@
 //! The `slacker` binary end to end on real components: a Debian `docker-registry`, a
 //! loop-mounted btrfs, root. A standard two-layer image (a busybox root, then the
 //! image's own files, with a config) is converted, converted again (everything reused),
-//! run with its config, listed, removed and garbage-collected.
+//! run with its config, pushed under another name and pulled lazily by a second worker,
+//! listed, removed and garbage-collected; the same image is converted and run on NFS.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -247,6 +248,40 @@ fn convert_run_ls_rm_gc_on_btrfs() {
         &["run", &dst, "--", "/bin/sh", "-c", "echo own; exit 3"],
     );
     assert_eq!((code, out.trim()), (3, "own"));
+    // Push the local image under another name, and pull that on a second worker sharing
+    // the storage: the pull moves the ~2 KiB reference layer, and the image runs there.
+    let dst2 = format!("{}/slacker/app2:v1", reg.addr());
+    let p = json(&config, &["push", "--plain-http", &dst, &dst2]);
+    assert_eq!(
+        p["push"]["manifest_digest"], v["push"]["manifest_digest"],
+        "{p}"
+    );
+    let config2 = work.path().join("config2.toml");
+    std::fs::write(
+        &config2,
+        format!(
+            "[backend]\nkind = \"btrfs\"\npath = \"{}\"\n\n[cli]\nstate = \"{}\"\nstore = \"worker2\"\n",
+            data.display(),
+            work.path().join("state2").display(),
+        ),
+    )
+    .unwrap();
+    let q = json(&config2, &["pull", "--plain-http", &dst2]);
+    let pulled = q["pull"]["layers"].as_array().unwrap();
+    assert_eq!(pulled.len(), 1, "{q}");
+    assert_eq!(pulled[0]["kind"], "lazy", "{q}");
+    assert!(
+        q["pull"]["bytes_downloaded"].as_u64().unwrap() < 8192,
+        "{q}"
+    );
+    let (code, out, err) = slacker(&config2, &["run", &dst2, "--", "/bin/cat", "hello.txt"]);
+    assert_eq!((code, out.as_str()), (0, "hello world\n"), "{err}");
+    let r = json(&config2, &["rm", &dst2]);
+    assert_eq!(r["removed_layers"].as_array().unwrap().len(), 1, "{r}");
+    let r = json(&config, &["rm", &dst2]);
+    assert!(r["removed_layers"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["kept_layers"].as_array().unwrap().len(), 2, "{r}");
+
     // On btrfs the clone is loop-mounted from its local file (no FUSE).
     let r = json(&config, &["run", &dst, "--", "/bin/sh", "-c", "exit 0"]);
     assert_eq!(
