@@ -164,7 +164,7 @@ pub fn start_and_wait(
 }
 
 /// One attempt: connect, send, read until `expect` shows up, EOF, or the deadline.
-fn probe(port: u16, send: &str, expect: &str, deadline: Instant) -> Option<String> {
+pub(crate) fn probe(port: u16, send: &str, expect: &str, deadline: Instant) -> Option<String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.write_all(send.as_bytes()).ok()?;

@@ -17,6 +17,7 @@
 pub mod baseline;
 pub mod bench;
 pub mod container;
+pub mod containerd;
 pub mod corpus;
 pub mod dedup;
 pub mod error;

@@ -18,12 +18,12 @@ use slacker_hellobench::report::{self, Host, Results};
 use slacker_hellobench::slacker::{Mode, SlackerPath, Storage};
 use slacker_hellobench::spec::{Corpus, ImageSpec, Spec};
 use slacker_hellobench::storage::{self, BtrfsImage};
-use slacker_hellobench::{dedup, nfs, progress, rbd, sys};
+use slacker_hellobench::{containerd, dedup, nfs, progress, rbd, sys};
 
 mod setup;
 
 /// Every path, in measuring order.
-const ALL_PATHS: [&str; 7] = [
+const ALL_PATHS: [&str; 9] = [
     "baseline",
     "slacker",
     "slacker-lazy",
@@ -31,6 +31,8 @@ const ALL_PATHS: [&str; 7] = [
     "slacker-lazy-nora",
     "slacker-nfs",
     "slacker-rbd",
+    containerd::OVERLAYFS,
+    containerd::SLACKER,
 ];
 
 /// The paths measured without `--paths`: `slacker-nfs` only when `SLACKER_NFS_ADDR` names
@@ -55,7 +57,10 @@ btrfs-progs, e2fsprogs). A host that cannot build the real corpus fails with the
 commands:
   bench    (default) build/reuse the corpus, measure push/pull/run of every path (baseline,
            slacker, slacker-lazy, slacker-lazy-trace, slacker-lazy-nora, and slacker-nfs when
-           SLACKER_NFS_ADDR is set), dedup analysis, write results with the issue-14 goals
+           SLACKER_NFS_ADDR is set; the containerd pair containerd-overlayfs +
+           containerd-slacker, ctr + runc on containerd's overlayfs vs slacker-snapshotter,
+           when containerd is installed), dedup analysis, write results with the issue-14
+           goals
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
   check    say what this host can run and what is missing
@@ -79,7 +84,9 @@ options:
                           slacker-nfs if SLACKER_NFS_ADDR=host:port is set; naming slacker-nfs
                           without it starts/reuses the knfsd VM, slacker-backend-nfs/server;
                           slacker-rbd likewise with SLACKER_RBD_MON (+ SLACKER_RBD_KEYRING) or
-                          the Ceph test cluster of slacker-backend-rbd/cluster)
+                          the Ceph test cluster of slacker-backend-rbd/cluster;
+                          naming either containerd-overlayfs or containerd-slacker measures
+                          both: they are one pair, run by one containerd)
   --link-latency-us N     emulated latency per request (default 200; 0 with --link-mbit 0 turns the
                           emulated link off): slacker-lazy(-trace)'s storage, and the registry for
                           every path (the fair link, src/fairlink.rs)
@@ -656,6 +663,23 @@ async fn run(args: &Args, work: &std::path::Path) -> Result<bool> {
                     }
                     None if rbd::configured().is_some() => ok = false,
                     None => {}
+                }
+            }
+            if args.wants(containerd::OVERLAYFS) || args.wants(containerd::SLACKER) {
+                let prs = containerd::run(
+                    &pf,
+                    fair.addr(),
+                    &images,
+                    timeout,
+                    work,
+                    plan,
+                    &mut skipped,
+                    &mut results,
+                )
+                .await?;
+                for pr in prs {
+                    ok &= all_ok(&pr);
+                    results.paths.push(pr);
                 }
             }
             results.fair_link = Some(fair.report());

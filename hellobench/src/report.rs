@@ -283,6 +283,7 @@ impl Results {
         if let Some(g) = &self.goals {
             s += &g.markdown(self.fair_link.as_ref());
         }
+        s += &crate::containerd::pair_markdown(self);
         if let Some(d) = &self.dedup {
             s += &dedup_table(d);
         }

@@ -286,8 +286,13 @@ impl Storage {
         &self.description
     }
 
+    /// The developer's (builder's) layer store.
+    pub(crate) fn builder(&self) -> &LayerStore<Arc<dyn Backend>> {
+        &self.builder
+    }
+
     /// The builder's layer holding `image` as ext4, imported on first use (untimed).
-    async fn import(&self, image: &BuiltImage) -> Result<(String, Option<f64>)> {
+    pub(crate) async fn import(&self, image: &BuiltImage) -> Result<(String, Option<f64>)> {
         let mut imports = self.imports.lock().await;
         if let Some(l) = imports.get(&image.spec.name) {
             return Ok((l.clone(), None));

@@ -7,7 +7,9 @@
 //!
 //! With `SLACKER_NFS_ADDR=host:port` set (as `.ci/test` does, after starting the knfsd VM),
 //! the run also includes `slacker-nfs` (the same checks, over the NFS backend); without it
-//! that path is opt-in and not measured here.
+//! that path is opt-in and not measured here. Where containerd, ctr and runc are installed
+//! (CI), it includes the containerd pair: `containerd-overlayfs` (completed, ready) and
+//! `containerd-slacker` (the slacker checks: a reference-sized pull, a partial read).
 //!
 //! Needs root, `docker-registry`, btrfs-progs, e2fsprogs, `/dev/fuse` and a static busybox
 //! (or apt-get to download busybox-static). Without them it prints `SKIPPED`; under
@@ -140,6 +142,14 @@ fn reduced_corpus_runs_through_the_baseline_and_every_slacker_path() {
     if rbd {
         expected.push("slacker-rbd");
     }
+    // The containerd pair runs wherever containerd, ctr and runc are installed (CI
+    // installs them): a few seconds for the busybox image.
+    let containerd = ["containerd", "ctr", "runc"]
+        .iter()
+        .all(|t| which(t).is_some());
+    if containerd {
+        expected.extend(["containerd-overlayfs", "containerd-slacker"]);
+    }
     assert_eq!(names, expected);
 
     for p in paths {
@@ -163,7 +173,8 @@ fn reduced_corpus_runs_through_the_baseline_and_every_slacker_path() {
         for field in ["push", "pull", "run", "deploy", "dev", "net_push_bytes"] {
             num(&p["median"][field], &format!("{name} median {field}"));
         }
-        if name == "baseline" {
+        // The traditional sides: whole images, nothing lazy to check.
+        if name == "baseline" || name == "containerd-overlayfs" {
             continue;
         }
         for r in reps {

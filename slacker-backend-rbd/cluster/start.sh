@@ -8,6 +8,8 @@
 # Env: CEPH_DIR (default /tmp/slacker-rbd-cluster), OSD_SIZE (default 8G),
 #      OSD_MEMORY_TARGET (bytes, default 1 GiB), CEPH_AUTH (none|cephx, default cephx),
 #      MON_PORT (default 3300; use another one to run a second cluster side by side),
+#      MON_IP (default 127.0.0.1) and PUBLIC_NET (default 127.0.0.0/8): the address the
+#      daemons listen on, e.g. a bridge address clients in network namespaces can reach,
 #      WAIT_CLEAN=1 (also wait until the mgr reports all PGs active+clean)
 # Clients: export CEPH_CONF=$CEPH_DIR/ceph.conf  (rbd, rados, ceph, librados/librbd all honour it)
 # The last lines on stdout are the settings the tests read:
@@ -20,6 +22,8 @@ OSD_MEMORY_TARGET=${OSD_MEMORY_TARGET:-1073741824}
 CEPH_AUTH=${CEPH_AUTH:-cephx}
 MON_PORT=${MON_PORT:-3300}          # msgr2 port; msgr1 port = 6789 for the default, else MON_PORT+1
 MON_V1_PORT=$([ "$MON_PORT" = 3300 ] && echo 6789 || echo $((MON_PORT + 1)))
+MON_IP=${MON_IP:-127.0.0.1}
+PUBLIC_NET=${PUBLIC_NET:-127.0.0.0/8}
 CONF=$CEPH_DIR/ceph.conf
 export CEPH_CONF=$CONF
 T0=$(date +%s.%N)
@@ -69,8 +73,8 @@ auth supported = none"
 [global]
 fsid = $FSID
 mon initial members = a
-mon host = [v2:127.0.0.1:$MON_PORT,v1:127.0.0.1:$MON_V1_PORT]
-public network = 127.0.0.0/8
+mon host = [v2:$MON_IP:$MON_PORT,v1:$MON_IP:$MON_V1_PORT]
+public network = $PUBLIC_NET
 ms bind ipv6 = false
 $AUTH
 run dir = $CEPH_DIR/run
@@ -127,7 +131,7 @@ if [ ! -f "$CEPH_DIR/mon/ceph-a/store.db/CURRENT" ]; then
     ceph-authtool "$CEPH_DIR/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
     MONKEY=(--keyring "$CEPH_DIR/keyring")
   fi
-  monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$MON_PORT,v1:127.0.0.1:$MON_V1_PORT]" "$CEPH_DIR/monmap" >/dev/null
+  monmaptool --create --fsid "$FSID" --addv a "[v2:$MON_IP:$MON_PORT,v1:$MON_IP:$MON_V1_PORT]" "$CEPH_DIR/monmap" >/dev/null
   ceph-mon -c "$CONF" --mkfs -i a --monmap "$CEPH_DIR/monmap" "${MONKEY[@]}"
   ts "mon mkfs done"
 fi
@@ -209,6 +213,6 @@ if [ "${WAIT_CLEAN:-0}" = 1 ]; then
   ts "mgr reports: $ST"
 fi
 echo "export CEPH_CONF=$CONF" >&2
-echo "SLACKER_RBD_MON=127.0.0.1:$MON_PORT"
+echo "SLACKER_RBD_MON=$MON_IP:$MON_PORT"
 if [ "$CEPH_AUTH" = cephx ]; then echo "SLACKER_RBD_KEYRING=$CEPH_DIR/keyring"; else echo "SLACKER_RBD_KEYRING="; fi
 echo "CEPH_DIR=$CEPH_DIR"

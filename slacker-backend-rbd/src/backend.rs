@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -636,19 +636,16 @@ fn connect(config: &RbdConfig) -> Result<(Arc<Cluster>, Arc<IoCtx>)> {
         errno,
         cluster: config.mon_host.clone(),
     };
-    let cluster = Cluster::connect(&config.user, config.conf_file.as_deref(), &opts).map_err(
-        |errno| -> Error {
-            let e = call_err("rados_connect", format!("as client.{}", config.user), errno);
-            match errno {
-                EPERM | EACCES => Error::Config(format!(
-                    "the cluster refused the key of client.{} ({e})",
-                    config.user
-                )),
-                _ => e.into(),
-            }
-        },
-    )?;
-    let cluster = Arc::new(cluster);
+    let connect_err = |errno: Errno| -> Error {
+        let e = call_err("rados_connect", format!("as client.{}", config.user), errno);
+        match errno {
+            EPERM | EACCES => Error::Config(format!(
+                "the cluster refused the key of client.{} ({e})",
+                config.user
+            )),
+            _ => e.into(),
+        }
+    };
     let pool_err = |errno: Errno| -> Error {
         match errno {
             ENOENT => Error::Config(format!(
@@ -658,21 +655,76 @@ fn connect(config: &RbdConfig) -> Result<(Arc<Cluster>, Arc<IoCtx>)> {
             _ => call_err("rados_ioctx_create", format!("pool {}", config.pool), errno).into(),
         }
     };
+    let key = format!(
+        "{}\0{:?}\0{opts:?}\0{}",
+        config.user, config.conf_file, config.client_instance
+    );
     let ns = config.namespace.clone().unwrap_or_default();
-    if !ns.is_empty() {
-        let root = IoCtx::open(Arc::clone(&cluster), &config.pool, "").map_err(pool_err)?;
-        let exists = root
-            .namespace_exists(&ns)
-            .map_err(|e| call_err("rbd_namespace_exists", ns.clone(), e))?;
-        if !exists {
-            match root.namespace_create(&ns) {
-                Ok(()) | Err(EEXIST) => {}
-                Err(e) => return Err(call_err("rbd_namespace_create", ns.clone(), e).into()),
+    loop {
+        let (cluster, cached) = shared_client(&key, || {
+            Cluster::connect(&config.user, config.conf_file.as_deref(), &opts).map_err(connect_err)
+        })?;
+        if !ns.is_empty() {
+            let root = IoCtx::open(Arc::clone(&cluster), &config.pool, "").map_err(pool_err)?;
+            let exists = match root.namespace_exists(&ns) {
+                Err(EBLOCKLISTED) if cached => {
+                    forget_client(&key, &cluster);
+                    continue;
+                }
+                r => r.map_err(|e| call_err("rbd_namespace_exists", ns.clone(), e))?,
+            };
+            if !exists {
+                match root.namespace_create(&ns) {
+                    Ok(()) | Err(EEXIST) => {}
+                    Err(e) => return Err(call_err("rbd_namespace_create", ns.clone(), e).into()),
+                }
             }
         }
+        let io = IoCtx::open(Arc::clone(&cluster), &config.pool, &ns).map_err(pool_err)?;
+        if cached && ns.is_empty() && io.list() == Err(EBLOCKLISTED) {
+            forget_client(&key, &cluster);
+            continue;
+        }
+        return Ok((cluster, Arc::new(io)));
     }
-    let io = IoCtx::open(Arc::clone(&cluster), &config.pool, &ns).map_err(pool_err)?;
-    Ok((cluster, Arc::new(io)))
+}
+
+/// `ESHUTDOWN`: what the OSDs and monitors answer a blocklisted client.
+const EBLOCKLISTED: Errno = 108;
+
+/// The process's connected Ceph clients, by connection settings and
+/// [`RbdConfig::client_instance`].
+///
+/// A client is never shut down: librbd finishes closing an image on the client's own
+/// threads after `rbd_close` returns, and `rados_shutdown` frees the client regardless,
+/// so a backend dropped right after its last image closed could free memory those
+/// threads were about to use (the process died with `std::system_error: Invalid argument`
+/// from a destroyed mutex, or a segfault in the next `rbd_open`). One client per settings
+/// is also what a librbd process is meant to have; the cluster sees one host.
+static CLIENTS: LazyLock<Mutex<HashMap<String, Arc<Cluster>>>> = LazyLock::new(Default::default);
+
+/// The client for `key`, connected with `connect` if there is none yet (connections are
+/// made one at a time), and whether it was there already.
+fn shared_client(
+    key: &str,
+    connect: impl FnOnce() -> Result<Cluster>,
+) -> Result<(Arc<Cluster>, bool)> {
+    let mut clients = lock(&CLIENTS);
+    if let Some(c) = clients.get(key) {
+        return Ok((Arc::clone(c), true));
+    }
+    let c = Arc::new(connect()?);
+    clients.insert(key.to_owned(), Arc::clone(&c));
+    Ok((c, false))
+}
+
+/// Drops a blocklisted client from the registry (it stays alive for the backends that
+/// still use it, which fail until they are rebuilt), so that the next build connects anew.
+fn forget_client(key: &str, cluster: &Arc<Cluster>) {
+    let mut clients = lock(&CLIENTS);
+    if clients.get(key).is_some_and(|c| Arc::ptr_eq(c, cluster)) {
+        clients.remove(key);
+    }
 }
 
 #[async_trait]

@@ -86,6 +86,20 @@ pub struct RbdConfig {
     /// finished at build time. Default 3600 s.
     #[serde(default = "default_gc_grace_secs")]
     pub gc_grace_secs: u64,
+    /// Which Ceph client of this process the backend uses. Backends with the same
+    /// connection settings (monitors, user, keyring, conf file, timeouts) and the same
+    /// `client_instance` share one client (`rados_t`), as a librbd process such as qemu
+    /// or rbd-nbd does; a different value gets a client of its own, which the cluster
+    /// sees as another host (its own exclusive locks, its own blocklist entry). Default
+    /// `""`.
+    ///
+    /// A connected client stays up until the process exits (or until the cluster
+    /// blocklists it, when the next build connects a new one): `rados_shutdown` frees the
+    /// client even while librbd still finishes the teardown of a just-closed image on
+    /// the client's threads, which aborted processes that opened and dropped backends
+    /// often.
+    #[serde(default)]
+    pub client_instance: String,
 }
 
 impl RbdConfig {
@@ -102,6 +116,7 @@ impl RbdConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             op_timeout_ms: default_op_timeout_ms(),
             gc_grace_secs: default_gc_grace_secs(),
+            client_instance: String::new(),
         }
     }
 
@@ -234,6 +249,13 @@ impl RbdBuilder {
     /// Sets the age after which leftovers are finished at build time.
     pub fn gc_grace(mut self, grace: Duration) -> Self {
         self.config.gc_grace_secs = grace.as_secs();
+        self
+    }
+
+    /// Sets which Ceph client of this process the backend uses (see
+    /// [`RbdConfig::client_instance`]).
+    pub fn client_instance(mut self, name: impl Into<String>) -> Self {
+        self.config.client_instance = name.into();
         self
     }
 

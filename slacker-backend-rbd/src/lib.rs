@@ -84,6 +84,15 @@
 //!
 //! All librbd calls block: they run on `tokio::task::spawn_blocking`.
 //!
+//! # Ceph clients
+//!
+//! Backends built with the same connection settings share one Ceph client (`rados_t`) per
+//! process, which stays connected until the process exits; [`RbdConfig::client_instance`]
+//! gives a backend a client of its own (to the cluster, another host). Shutting a client
+//! down while librbd still finishes closing an image on its threads let librados free
+//! memory in use: processes that built and dropped many backends aborted
+//! (`std::system_error: Invalid argument`) or crashed in the next `rbd_open`.
+//!
 //! # Test cluster
 //!
 //! `cluster/` holds the scripts the tests and `.ci/test` use: `install.sh` (Debian

@@ -20,7 +20,8 @@ async fn two_hosts_racing_to_create_or_clone_one_name_exactly_one_wins() {
         return;
     };
     let ns = h.fresh_namespace();
-    let (a, b) = (h.open(&ns).await, h.open(&ns).await);
+    let (a, b) = (h.open_as(&ns, "a").await, h.open_as(&ns, "b").await);
+    assert_ne!(a.client_id(), b.client_id(), "two hosts, two Ceph clients");
     for i in 0..6 {
         let v = vid(&format!("v{i}"));
         // Odd rounds take the create-rename path of a non-default block size.
@@ -65,7 +66,8 @@ async fn hold_racing_removal_exactly_one_wins_and_holds_are_seen_everywhere() {
         return;
     };
     let ns = h.fresh_namespace();
-    let (a, b) = (h.open(&ns).await, h.open(&ns).await);
+    let (a, b) = (h.open_as(&ns, "a").await, h.open_as(&ns, "b").await);
+    assert_ne!(a.client_id(), b.client_id(), "two hosts, two Ceph clients");
     let v = vid("v");
     a.create_volume(&v, &VolumeOptions::new(1 << 16))
         .await
@@ -98,7 +100,7 @@ async fn hold_racing_removal_exactly_one_wins_and_holds_are_seen_everywhere() {
     let (r1, r2) = tokio::join!(a.hold_snapshot(&s, "from-a"), b.hold_snapshot(&s, "from-b"));
     r1.unwrap();
     r2.unwrap();
-    let c = h.open(&ns).await;
+    let c = h.open_as(&ns, "c").await;
     assert_eq!(
         c.stat_snapshot(&s).await.unwrap().holds,
         vec!["from-a", "from-b"]

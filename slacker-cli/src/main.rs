@@ -228,6 +228,7 @@ fn push_json(p: &PushReport) -> Value {
         "index_digest": p.index_digest,
         "plain_manifest_digest": p.plain_manifest_digest,
         "plain_export_lossless": p.plain_export_lossless,
+        "plain_export_reused": p.plain_export_reused,
         "bytes_uploaded": p.bytes_uploaded(),
         "blobs_uploaded": p.blobs.iter().filter(|b| b.transferred).count(),
         "blobs_reused": p.blobs.iter().filter(|b| !b.transferred).count(),
@@ -245,23 +246,31 @@ fn record_of(p: &PullReport, source: &str) -> ImageRecord {
 
 async fn convert(ctx: &mut Ctx, plain_http: bool, src: &str, dst: &str) -> Result<Value> {
     let c = client(plain_http);
+    let t = std::time::Instant::now();
     let pulled = step(
         ctx.json,
         format!("pull {src}"),
         c.pull_image(&ctx.store, src),
     )
     .await?;
+    let pull_secs = t.elapsed().as_secs_f64();
     let opts = PushOptions::default()
         .with_plain_export(true)
         .with_config(pulled.config.clone());
+    let t = std::time::Instant::now();
     let pushed = step(
         ctx.json,
         format!("push {dst}"),
         c.push_image(&ctx.store, &pulled.top_layer, dst, &opts),
     )
     .await?;
+    let push_secs = t.elapsed().as_secs_f64();
     ctx.images.put(dst, record_of(&pulled, src))?;
-    Ok(json!({"src": src, "dst": dst, "pull": pull_json(&pulled), "push": push_json(&pushed)}))
+    let mut pull = pull_json(&pulled);
+    pull["seconds"] = json!(pull_secs);
+    let mut push = push_json(&pushed);
+    push["seconds"] = json!(push_secs);
+    Ok(json!({"src": src, "dst": dst, "pull": pull, "push": push}))
 }
 
 async fn pull(ctx: &mut Ctx, plain_http: bool, image: &str) -> Result<Value> {

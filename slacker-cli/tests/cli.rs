@@ -199,7 +199,8 @@ fn convert_run_ls_rm_gc_on_btrfs() {
             .all(|l| l["losses"].as_array().unwrap().is_empty())
     );
     assert_eq!(v["push"]["plain_export_lossless"], true);
-    // Again: everything is reused.
+    assert_eq!(v["push"]["plain_export_reused"], false);
+    // Again: everything is reused, the plain export too (the volume is not read again).
     let v2 = json(&config, &["convert", "--plain-http", &src, &dst]);
     assert!(
         v2["pull"]["layers"]
@@ -211,6 +212,13 @@ fn convert_run_ls_rm_gc_on_btrfs() {
     );
     assert_eq!(v2["push"]["blobs_uploaded"], 0, "{v2}");
     assert_eq!(v2["push"]["manifest_digest"], v["push"]["manifest_digest"]);
+    assert_eq!(v2["push"]["plain_export_reused"], true, "{v2}");
+    assert_eq!(v2["push"]["plain_export_lossless"], true, "{v2}");
+    assert_eq!(v2["push"]["index_digest"], v["push"]["index_digest"]);
+    assert_eq!(
+        v2["push"]["plain_manifest_digest"],
+        v["push"]["plain_manifest_digest"]
+    );
 
     // Run with the image's Cmd, Env, WorkingDir and User.
     let (code, out, err) = slacker(&config, &["run", &dst]);

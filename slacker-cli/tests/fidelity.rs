@@ -222,6 +222,7 @@ fn corpus_images_round_trip_through_convert_and_reach_readiness() {
         let name = &img.spec.name;
         let t0 = std::time::Instant::now();
         let l2 = diff_layer(&base, &img.root).unwrap();
+        let t_layer = t0.elapsed().as_secs_f64();
         let port = free_port();
         let script = readiness_script(&img.spec.readiness, port);
         let d = default_config();
@@ -248,6 +249,7 @@ fn corpus_images_round_trip_through_convert_and_reach_readiness() {
             Some(&cfg),
         ))
         .unwrap();
+        let t_src = t0.elapsed().as_secs_f64();
         let out = Command::new(env!("CARGO_BIN_EXE_slacker"))
             .arg("--config")
             .arg(&config)
@@ -260,6 +262,7 @@ fn corpus_images_round_trip_through_convert_and_reach_readiness() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let t_convert = t0.elapsed().as_secs_f64();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let top = v["pull"]["top_layer"].as_str().unwrap().to_owned();
         let bottom = v["pull"]["layers"][0]["id"].as_str().unwrap().to_owned();
@@ -289,6 +292,7 @@ fn corpus_images_round_trip_through_convert_and_reach_readiness() {
         want_base.assert_same(&got_base);
         let want = Manifest::of(&img.root).unwrap();
         want.assert_same(&got);
+        let t_compare = t0.elapsed().as_secs_f64();
         // slacker run of the converted image reaches its readiness rule.
         let run = Command::new(env!("CARGO_BIN_EXE_slacker"))
             .arg("--config")
@@ -302,11 +306,19 @@ fn corpus_images_round_trip_through_convert_and_reach_readiness() {
             "{name} did not reach readiness: {stdout}{}",
             String::from_utf8_lossy(&run.stderr)
         );
+        let t_run = t0.elapsed().as_secs_f64();
         summary.push(format!(
-            "{name}: {} entries identical, ready, {:.1} s",
+            "{name}: {} entries identical, ready, {t_run:.1} s (diff layer {t_layer:.1}, \
+             push source {:.1}, convert {:.1} [pull {:.1}, push {:.1}], compare {:.1}, run {:.1})",
             want.entries.len(),
-            t0.elapsed().as_secs_f64()
+            t_src - t_layer,
+            t_convert - t_src,
+            v["pull"]["seconds"].as_f64().unwrap_or(f64::NAN),
+            v["push"]["seconds"].as_f64().unwrap_or(f64::NAN),
+            t_compare - t_convert,
+            t_run - t_compare,
         ));
+        eprintln!("{}", summary.last().unwrap());
     }
     eprintln!("fidelity:\n  {}", summary.join("\n  "));
 }

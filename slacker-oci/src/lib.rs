@@ -98,6 +98,9 @@ pub const IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+j
 pub const REFERENCE_ARTIFACT_TYPE: &str = "application/vnd.slacker.image.v1";
 /// Annotation on index entries and manifests: `reference` or `plain`.
 pub const KIND_ANNOTATION: &str = "dev.slacker.image.kind";
+/// Annotation on the plain entry of an index: `true` if the plain export kept every file
+/// attribute (see [`PushReport::plain_export_lossless`]).
+pub const LOSSLESS_ANNOTATION: &str = "dev.slacker.plain.lossless";
 
 const OCI_IMAGE_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_IMAGE_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -219,6 +222,13 @@ fn derive_config(
         cfg.set_history(Some(h));
     }
     serde_json::to_vec(&cfg).map_err(spec_error)
+}
+
+/// What [`RegistryClient::existing_plain`] found.
+struct PreviousPlain {
+    index: String,
+    plain: String,
+    lossless: Option<bool>,
 }
 
 /// How to reach registries.
@@ -358,6 +368,10 @@ pub struct PushReport {
     /// Whether the plain export kept every file attribute (see
     /// [`LayerStore::export_tar`]).
     pub plain_export_lossless: Option<bool>,
+    /// The tag already indexed this very reference manifest and a complete plain image
+    /// (manifest, config and layer all in the registry), so the plain export was reused:
+    /// the volume was not read, nothing was compressed or uploaded.
+    pub plain_export_reused: bool,
 }
 
 impl PushReport {
@@ -649,7 +663,10 @@ impl RegistryClient {
     /// O(1)) and a 2 KiB reference layer, with the config of [`PushOptions::config`].
     /// With [`PushOptions::plain_export`], also the plain image (its tree as one
     /// tar+gzip layer, see [`LayerStore::export_tar`]) and an index of both under the
-    /// tag, platform from the config.
+    /// tag, platform from the config. Pushing the same layer with the same config to the
+    /// same tag again reuses the plain image already there (when the registry still has
+    /// all of it) instead of exporting the volume again
+    /// ([`PushReport::plain_export_reused`]).
     ///
     /// # Errors
     /// Store errors from `diff`/`export_tar`; `Backend` for registry failures.
@@ -684,6 +701,16 @@ impl RegistryClient {
             .await?;
         report.manifest_digest = ref_digest.clone();
         report.manifest_bytes += n;
+
+        // Pushed before (the same volume under the same config gives the same reference
+        // manifest): reuse the plain image if the registry still has all of it.
+        if let Some(prev) = self.existing_plain(&r, &ref_digest).await {
+            report.index_digest = Some(prev.index);
+            report.plain_manifest_digest = Some(prev.plain);
+            report.plain_export_lossless = prev.lossless;
+            report.plain_export_reused = true;
+            return Ok(report);
+        }
 
         // The plain image: the volume's file tree as one tar+gzip layer.
         let scratch = tempfile::tempdir()
@@ -746,10 +773,14 @@ impl RegistryClient {
                 )
                 .size(size)
                 .platform(platform.clone())
-                .annotations(HashMap::from([(
-                    KIND_ANNOTATION.to_owned(),
-                    kind.to_owned(),
-                )]));
+                .annotations(if kind == "plain" {
+                    HashMap::from([
+                        (KIND_ANNOTATION.to_owned(), kind.to_owned()),
+                        (LOSSLESS_ANNOTATION.to_owned(), lossless.to_string()),
+                    ])
+                } else {
+                    HashMap::from([(KIND_ANNOTATION.to_owned(), kind.to_owned())])
+                });
             if kind == "reference" {
                 b = b.artifact_type(MediaType::Other(REFERENCE_ARTIFACT_TYPE.to_owned()));
             }
@@ -772,6 +803,62 @@ impl RegistryClient {
         report.index_digest = Some(digest);
         report.plain_manifest_digest = Some(plain_digest);
         Ok(report)
+    }
+
+    /// The plain image a previous [`push_image`](Self::push_image) left under tag `r`,
+    /// if the tag is an index whose reference entry is `ref_digest` and the registry
+    /// still has the plain manifest (matching its digest), its config and its layers.
+    /// Anything else (no tag, another image, a missing blob, a registry error) is `None`:
+    /// the caller exports again.
+    async fn existing_plain(&self, r: &Reference, ref_digest: &str) -> Option<PreviousPlain> {
+        let auth = self.prepare(r).await.ok()?;
+        let (body, _) = self
+            .client
+            .pull_manifest_raw(r, &auth, &MANIFEST_TYPES)
+            .await
+            .ok()?;
+        let index_digest = sha256_digest(&body);
+        let index: ImageIndex = serde_json::from_slice(&body).ok()?;
+        let kind = |e: &Descriptor| {
+            e.annotations()
+                .as_ref()
+                .and_then(|a| a.get(KIND_ANNOTATION).cloned())
+        };
+        let entries = index.manifests();
+        if !entries.iter().any(|e| {
+            kind(e).as_deref() == Some("reference") && e.digest().to_string() == ref_digest
+        }) {
+            return None;
+        }
+        let plain = entries
+            .iter()
+            .find(|e| kind(e).as_deref() == Some("plain"))?;
+        let plain_digest = plain.digest().to_string();
+        let (body, _) = self
+            .client
+            .pull_manifest_raw(&by_digest(r, &plain_digest), &auth, &MANIFEST_TYPES)
+            .await
+            .ok()?;
+        if sha256_digest(&body) != plain_digest {
+            return None;
+        }
+        let manifest: ImageManifest = serde_json::from_slice(&body).ok()?;
+        for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let there = self.client.blob_exists(r, d.digest().as_ref()).await.ok()?;
+            if !there {
+                return None;
+            }
+        }
+        let lossless = plain
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(LOSSLESS_ANNOTATION))
+            .and_then(|v| v.parse().ok());
+        Some(PreviousPlain {
+            index: index_digest,
+            plain: plain_digest,
+            lossless,
+        })
     }
 
     /// Fetches the image manifest of `image`. From an index, it picks the entry of kind

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use slacker_backend_mem::MemBackend;
 use slacker_core::persist::{DirStore, MetaStore};
+use slacker_core::worker::Counting;
 use slacker_core::{Backend, ErrorKind, LayerStore, LayerStoreOptions};
 use slacker_oci::spec::{ConfigBuilder, HistoryBuilder, ImageConfigurationBuilder};
 use slacker_oci::{
@@ -311,4 +312,97 @@ async fn a_registry_that_goes_down_mid_pull_records_nothing() {
         "{err}"
     );
     nothing_recorded(&s, &b).await;
+}
+
+/// Bytes the store's backend has been asked to read so far.
+fn read_so_far(s: &LayerStore<Counting<MemBackend>>) -> u64 {
+    s.backend().counts().bytes_read()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushing_the_same_image_again_reuses_its_plain_export() {
+    if !e2fsprogs() {
+        return;
+    }
+    // Its own registry: the test removes a blob from the registry's storage.
+    let reg = match LocalRegistry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            slacker_testkit::skip_or_fail::<()>(format!("no docker-registry: {e}"));
+            return;
+        }
+    };
+    let c = client();
+    let src = format!("{}/slacker-test/reuse-src:v1", reg.addr());
+    c.push_layers(&src, two_layers(), Some(&original_config()))
+        .await
+        .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(d.path()).unwrap());
+    let s = LayerStore::open(
+        Counting::new(MemBackend::new()),
+        meta,
+        LayerStoreOptions::new("reuse").with_volume_size(32 << 20),
+    )
+    .await
+    .unwrap();
+    let pulled = c.pull_image(&s, &src).await.unwrap();
+    let dst = format!("{}/slacker-test/reuse-dst:v1", reg.addr());
+    let opts = PushOptions::default()
+        .with_plain_export(true)
+        .with_config(pulled.config.clone());
+
+    // First push: the volume is exported (read from the backend) and uploaded.
+    let r0 = read_so_far(&s);
+    let first = c
+        .push_image(&s, &pulled.top_layer, &dst, &opts)
+        .await
+        .unwrap();
+    let r1 = read_so_far(&s);
+    assert!(!first.plain_export_reused);
+    assert!(r1 > r0, "the first push exports the volume");
+    assert!(first.layer_bytes_uploaded() > 0);
+
+    // Again: the plain export is reused; the volume is not read, nothing is uploaded.
+    let second = c
+        .push_image(&s, &pulled.top_layer, &dst, &opts)
+        .await
+        .unwrap();
+    assert!(second.plain_export_reused, "{second:?}");
+    assert_eq!(read_so_far(&s), r1, "no export work the second time");
+    assert!(second.blobs.iter().all(|b| !b.transferred), "{second:?}");
+    assert_eq!(second.index_digest, first.index_digest);
+    assert_eq!(second.plain_manifest_digest, first.plain_manifest_digest);
+    assert_eq!(second.plain_export_lossless, first.plain_export_lossless);
+    let plain = c.pull_manifest(&dst, "plain").await.unwrap();
+    assert_eq!(Some(&plain.digest), first.plain_manifest_digest.as_ref());
+
+    // The registry lost the plain layer: it is exported and uploaded again, not trusted.
+    let hex = plain.layers[0].digest().to_string();
+    let hex = hex.trim_start_matches("sha256:").to_owned();
+    std::fs::remove_dir_all(
+        reg.dir()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(&hex),
+    )
+    .unwrap();
+    let third = c
+        .push_image(&s, &pulled.top_layer, &dst, &opts)
+        .await
+        .unwrap();
+    assert!(!third.plain_export_reused, "{third:?}");
+    assert!(read_so_far(&s) > r1, "exported again");
+    assert!(third.layer_bytes_uploaded() > 0);
+    let got = c.pull_manifest(&dst, "plain").await.unwrap();
+    c.pull_blob(&dst, &got.layers[0]).await.unwrap();
+
+    // Another image under the same tag (a layer on top): exported, not reused.
+    s.create("extra", Some(&pulled.top_layer)).await.unwrap();
+    s.put("extra").await.unwrap();
+    let r3 = read_so_far(&s);
+    let other = c.push_image(&s, "extra", &dst, &opts).await.unwrap();
+    assert!(!other.plain_export_reused, "{other:?}");
+    assert_ne!(other.manifest_digest, first.manifest_digest);
+    assert!(read_so_far(&s) > r3);
 }

@@ -17,6 +17,9 @@
 //! to a new daemon. Such a container sees IO errors until it is restarted; nothing
 //! acknowledged is lost (it is on the storage, and a new mount of the same snapshot shows
 //! it). The dead mount is detached lazily (`umount -l`) so the path can be served again.
+//! The fix is to keep the connection from dying (a `FUSE_DEV_IOC_CLONE` descriptor held by
+//! systemd's fd store or a keeper process, resumed without INIT, unanswered requests
+//! replayed with `FUSE_NOTIFY_RESEND`): `docs/fuse-handover.md`, not built yet.
 
 use std::collections::HashMap;
 use std::io::{self, Read};

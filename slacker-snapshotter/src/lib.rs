@@ -60,6 +60,7 @@ pub mod apply;
 pub mod config;
 pub mod datapath;
 pub mod filter;
+pub mod harness;
 pub mod host;
 pub mod metrics;
 pub mod remote;

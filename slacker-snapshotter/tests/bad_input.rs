@@ -10,20 +10,9 @@ use std::collections::HashMap;
 
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
+use containerd_snapshots::tonic::transport::Channel;
 use containerd_snapshots::tonic::{Code, Status};
 use support::*;
-
-async fn connect(sock: std::path::PathBuf) -> SnapshotsClient<Channel> {
-    let ch = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            tokio::net::UnixStream::connect(sock.clone())
-        }))
-        .await
-        .unwrap();
-    SnapshotsClient::new(ch)
-}
 
 const SN: &str = "slacker";
 
@@ -114,23 +103,15 @@ fn bad_input_gets_typed_statuses_and_leaves_nothing_behind() {
         skip_or_fail::<()>(why);
         return;
     }
-    let fs = match Btrfs::new("4G") {
-        Ok(fs) => fs,
-        Err(why) => {
-            skip_or_fail::<()>(format!("no btrfs: {why}"));
-            return;
-        }
+    let Some((_fs, dir, data)) = btrfs_run("4G") else {
+        return;
     };
-    let dir = fs.dir.path().join("run");
-    std::fs::create_dir(&dir).unwrap();
-    let data = fs.mnt.join("data");
-    std::fs::create_dir(&data).unwrap();
     let cfg = write_config(
         &dir,
         &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
         "",
     );
-    let snap = Snapshotter::start(&cfg);
+    let snap = snapshotter(&cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

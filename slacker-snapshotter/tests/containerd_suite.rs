@@ -19,7 +19,7 @@ fn run_suite(dir: &std::path::Path, backend: &str) {
         }
     };
     let cfg = write_config(dir, backend, "");
-    let snap = Snapshotter::start(&cfg);
+    let snap = snapshotter(&cfg);
     let out = Command::new(&suite)
         .args([
             "-test.run",
@@ -64,17 +64,9 @@ fn containerd_suite_on_btrfs() {
         skip_or_fail::<()>(why);
         return;
     }
-    let fs = match Btrfs::new("8G") {
-        Ok(fs) => fs,
-        Err(why) => {
-            skip_or_fail::<()>(format!("no btrfs: {why}"));
-            return;
-        }
+    let Some((_fs, dir, data)) = btrfs_run("8G") else {
+        return;
     };
-    let dir = fs.dir.path().join("run");
-    std::fs::create_dir(&dir).unwrap();
-    let data = fs.mnt.join("data");
-    std::fs::create_dir(&data).unwrap();
     run_suite(
         &dir,
         &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
@@ -93,11 +85,7 @@ fn containerd_suite_on_nfs() {
         skip_or_fail::<()>("/dev/fuse is missing");
         return;
     }
-    let Some(addr) = std::env::var("SLACKER_NFS_ADDR")
-        .ok()
-        .filter(|a| !a.is_empty())
-    else {
-        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+    let Some(addr) = nfs_addr() else {
         return;
     };
     let dir = tempfile::Builder::new()

@@ -10,14 +10,14 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slacker_core::LayerStore;
 use slacker_core::layer::LayerStoreOptions;
 use slacker_core::persist::{DirStore, MetaStore};
-use slacker_oci::{ClientOptions, LocalRegistry, PushLayer, RegistryClient};
+use slacker_oci::{ClientOptions, PushLayer, RegistryClient};
 use support::tree::{assert_same, busybox_root, layer_tar, walk};
 use support::*;
 
@@ -32,135 +32,49 @@ fn ns() -> String {
     format!("slk{}t{t}", std::process::id())
 }
 
-struct Containerd {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Containerd {
-    fn start(dir: &Path, snapshotter_sock: &Path) -> Self {
-        let dir = dir.join("containerd");
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("containerd.sock");
-        let cfg = dir.join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{sock}\"\n\
-                 [proxy_plugins.slacker]\n  type = \"snapshot\"\n  address = \"{snap}\"\n",
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                sock = sock.display(),
-                snap = snapshotter_sock.display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd starts");
-        let c = Self { child, dir, sock };
-        let t = Instant::now();
-        while c.ctr(&["version"]).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "containerd did not answer: {}",
-                std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn ctr(&self, args: &[&str]) -> Result<String, String> {
-        sh(Command::new("ctr")
-            .arg("-a")
-            .arg(&self.sock)
-            .args(["-n", &ns()])
-            .args(args))
-    }
-
-    fn rootfs(&self, id: &str) -> PathBuf {
-        self.dir
-            .join("state/io.containerd.runtime.v2.task")
-            .join(ns())
-            .join(id)
-            .join("rootfs")
-    }
-
-    /// Pulls `image`, runs `echo hello` in it, then runs it detached and returns the
-    /// container's root tree as the host sees it.
-    fn pull_and_run(
-        &self,
-        image: &str,
-    ) -> std::collections::BTreeMap<PathBuf, support::tree::Desc> {
-        self.ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "slacker",
-            image,
-        ])
-        .expect("ctr images pull");
-        let out = self
-            .ctr(&[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "slacker",
-                image,
-                "hello",
-                "/bin/sh",
-                "-c",
-                "echo hello",
-            ])
-            .expect("ctr run");
-        assert_eq!(out, "hello\n", "ctr run printed {out:?}");
-        self.ctr(&[
+/// Pulls `image`, runs `echo hello` in it, then runs it detached and returns the
+/// container's root tree as the host sees it.
+fn pull_and_run(
+    ctrd: &Containerd,
+    image: &str,
+) -> std::collections::BTreeMap<PathBuf, support::tree::Desc> {
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        image,
+    ])
+    .expect("ctr images pull");
+    let out = ctrd
+        .ctr(&[
             "run",
-            "-d",
+            "--rm",
             "--snapshotter",
             "slacker",
             image,
-            "tree",
-            "/bin/sleep",
-            "300",
+            "hello",
+            "/bin/sh",
+            "-c",
+            "echo hello",
         ])
-        .expect("ctr run -d");
-        let tree = walk(&self.rootfs("tree"), &[]);
-        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", "tree"]);
-        let t = Instant::now();
-        while self.ctr(&["task", "rm", "tree"]).is_err() && t.elapsed() < Duration::from_secs(20) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.ctr(&["containers", "rm", "tree"])
-            .expect("ctr containers rm");
-        tree
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // Containers a failed test left running hold mounts: stop them through runc.
-        let root = format!("/run/containerd/runc/{}", ns());
-        if let Ok(ids) = sh(Command::new("runc").args(["--root", &root, "list", "-q"])) {
-            for id in ids.lines() {
-                let _ = sh(Command::new("runc").args(["--root", &root, "delete", "-f", id]));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        unmount_under(&self.dir);
-    }
+        .expect("ctr run");
+    assert_eq!(out, "hello\n", "ctr run printed {out:?}");
+    ctrd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "slacker",
+        image,
+        "tree",
+        "/bin/sleep",
+        "300",
+    ])
+    .expect("ctr run -d");
+    let tree = walk(&ctrd.rootfs("tree"), &[]);
+    ctrd.remove_container("tree").expect("ctr containers rm");
+    tree
 }
 
 fn metric(addr: &str, name: &str) -> u64 {
@@ -188,29 +102,13 @@ fn ctr_pulls_and_runs_standard_and_slacker_images() {
         skip_or_fail::<()>(why);
         return;
     }
-    let fs = match Btrfs::new("8G") {
-        Ok(fs) => fs,
-        Err(why) => {
-            skip_or_fail::<()>(format!("no btrfs: {why}"));
-            return;
-        }
+    let Some((_fs, dir, data)) = btrfs_run("8G") else {
+        return;
     };
-    let registry = match LocalRegistry::start() {
-        Ok(r) => r,
-        Err(e) => {
-            skip_or_fail::<()>(format!("no registry: {e}"));
-            return;
-        }
+    let Some(registry) = registry() else {
+        return;
     };
-    let dir = fs.dir.path().join("run");
-    std::fs::create_dir(&dir).unwrap();
-    let data = fs.mnt.join("data");
-    std::fs::create_dir(&data).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = RegistryClient::new(ClientOptions::plain_http());
     let addr = registry.addr().to_owned();
 
@@ -276,11 +174,11 @@ fn ctr_pulls_and_runs_standard_and_slacker_images() {
         &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
         "metrics_address = \"127.0.0.1:19137\"",
     );
-    let snap = Snapshotter::start(&cfg);
-    let ctrd = Containerd::start(&dir, &snap.socket);
+    let snap = snapshotter(&cfg);
+    let ctrd = containerd(&dir, &snap.socket, &ns());
     let m = "127.0.0.1:19137";
 
-    let got_a = ctrd.pull_and_run(&standard);
+    let got_a = pull_and_run(&ctrd, &standard);
     assert_same(&want_a, &got_a, "standard image");
 
     let clones_before = metric(m, "slacker_snapshotter_clones_total");
@@ -299,7 +197,7 @@ fn ctr_pulls_and_runs_standard_and_slacker_images() {
         "pulling a slacker image must not clone"
     );
     assert_eq!(metric(m, "slacker_snapshotter_lazy_commits_total"), 1);
-    let got_b = ctrd.pull_and_run(&slacker_image);
+    let got_b = pull_and_run(&ctrd, &slacker_image);
     // The image's tree is the imported directory (the ext4 also holds lost+found).
     assert_same(
         &walk(&lower, &[]),
@@ -363,29 +261,13 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
         skip_or_fail::<()>(why);
         return;
     }
-    let fs = match Btrfs::new("8G") {
-        Ok(fs) => fs,
-        Err(why) => {
-            skip_or_fail::<()>(format!("no btrfs: {why}"));
-            return;
-        }
+    let Some((_fs, dir, data)) = btrfs_run("8G") else {
+        return;
     };
-    let registry = match LocalRegistry::start() {
-        Ok(r) => r,
-        Err(e) => {
-            skip_or_fail::<()>(format!("no registry: {e}"));
-            return;
-        }
+    let Some(registry) = registry() else {
+        return;
     };
-    let dir = fs.dir.path().join("run");
-    std::fs::create_dir(&dir).unwrap();
-    let data = fs.mnt.join("data");
-    std::fs::create_dir(&data).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = RegistryClient::new(ClientOptions::plain_http());
     let addr = registry.addr().to_owned();
     let root = dir.join("rootfs");
@@ -420,8 +302,8 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
         &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
         "",
     );
-    let mut snap = Snapshotter::start(&cfg);
-    let ctrd = Containerd::start(&dir, &snap.socket);
+    let mut snap = snapshotter(&cfg);
+    let ctrd = containerd(&dir, &snap.socket, &ns());
     ctrd.ctr(&[
         "images",
         "pull",
@@ -440,12 +322,9 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
     std::thread::sleep(Duration::from_millis(500));
 
     // kill -9 during a pull.
-    let mut pull = Command::new("ctr")
-        .arg("-a")
-        .arg(&ctrd.sock)
+    let mut pull = ctrd
+        .ctr_command()
         .args([
-            "-n",
-            &ns(),
             "images",
             "pull",
             "--plain-http",
@@ -473,7 +352,7 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
         "the container stopped writing while the snapshotter was down"
     );
 
-    let snap2 = Snapshotter::start(&cfg);
+    let snap2 = snapshotter(&cfg);
     // containerd's gRPC client reconnects to the new process with a backoff: the first
     // retries may see `Unavailable`, as with any snapshotter restart.
     let mut attempts = 0;
@@ -488,7 +367,7 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
             &large,
         ]) {
             Ok(_) => break,
-            Err(e) if attempts < 20 && e.contains("unavailable") => {
+            Err(e) if attempts < 20 && e.to_string().contains("unavailable") => {
                 std::thread::sleep(Duration::from_millis(500))
             }
             Err(e) => panic!("the retried pull failed (attempt {attempts}): {e}"),
@@ -571,30 +450,18 @@ fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
         skip_or_fail::<()>(why);
         return;
     }
-    let Some(addr) = std::env::var("SLACKER_NFS_ADDR")
-        .ok()
-        .filter(|a| !a.is_empty())
-    else {
-        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+    let Some(addr) = nfs_addr() else {
         return;
     };
-    let registry = match LocalRegistry::start() {
-        Ok(r) => r,
-        Err(e) => {
-            skip_or_fail::<()>(format!("no registry: {e}"));
-            return;
-        }
+    let Some(registry) = registry() else {
+        return;
     };
     let tmp = tempfile::Builder::new()
         .prefix("slk-snap-ctrnfs-")
         .tempdir()
         .unwrap();
     let dir = tmp.path().to_owned();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = RegistryClient::new(ClientOptions::plain_http());
     let lower = dir.join("lower");
     busybox_root(&lower);
@@ -627,9 +494,9 @@ fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
         &format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
         "metrics_address = \"127.0.0.1:19141\"",
     );
-    let snap = Snapshotter::start(&cfg);
-    let ctrd = Containerd::start(&dir, &snap.socket);
-    let got = ctrd.pull_and_run(&standard);
+    let snap = snapshotter(&cfg);
+    let ctrd = containerd(&dir, &snap.socket, &ns());
+    let got = pull_and_run(&ctrd, &standard);
     assert_same(&want, &got, "standard image on NFS");
     let m = "127.0.0.1:19141";
     let fetched = metric(m, "slacker_snapshotter_lazy_fetched_bytes_total");
@@ -681,7 +548,7 @@ fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
         "no clone on pull"
     );
     assert_eq!(metric(m, "slacker_snapshotter_lazy_commits_total"), 1);
-    let got_b = ctrd.pull_and_run(&slacker_image);
+    let got_b = pull_and_run(&ctrd, &slacker_image);
     assert_same(
         &walk(&lower, &[]),
         &got_b

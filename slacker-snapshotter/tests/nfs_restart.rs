@@ -17,28 +17,9 @@ use std::process::Command;
 
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
+use containerd_snapshots::tonic::transport::Channel;
 use slacker_core::Backend;
 use support::*;
-
-async fn connect(sock: std::path::PathBuf) -> SnapshotsClient<Channel> {
-    let mut last = None;
-    for _ in 0..50 {
-        let s = sock.clone();
-        match Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                tokio::net::UnixStream::connect(s.clone())
-            }))
-            .await
-        {
-            Ok(ch) => return SnapshotsClient::new(ch),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("no connection: {last:?}");
-}
 
 fn req(key: &str, parent: &str) -> PrepareSnapshotRequest {
     PrepareSnapshotRequest {
@@ -95,11 +76,7 @@ fn kill_9_on_nfs_serves_the_same_paths_again() {
         skip_or_fail::<()>(why);
         return;
     }
-    let Some(addr) = std::env::var("SLACKER_NFS_ADDR")
-        .ok()
-        .filter(|a| !a.is_empty())
-    else {
-        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+    let Some(addr) = nfs_addr() else {
         return;
     };
     let dir = tempfile::Builder::new()
@@ -119,16 +96,12 @@ fn kill_9_on_nfs_serves_the_same_paths_again() {
         &format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
         "",
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let m1 = dir.path().join("m1");
     let m2 = dir.path().join("m2");
     let m3 = dir.path().join("m3");
 
-    let mut snap = Snapshotter::start(&cfg);
+    let mut snap = snapshotter(&cfg);
     let before = rt.block_on(async {
         let mut c = connect(snap.socket.clone()).await;
         c.prepare(req("a", "")).await.unwrap();
@@ -146,7 +119,7 @@ fn kill_9_on_nfs_serves_the_same_paths_again() {
         .and_then(|()| std::fs::File::open(m1.join("during"))?.sync_all());
     eprintln!("old mount after kill -9: write+fsync -> {write:?}");
 
-    let snap = Snapshotter::start(&cfg);
+    let snap = snapshotter(&cfg);
     rt.block_on(async {
         let mut c = connect(snap.socket.clone()).await;
         assert_eq!(walk(&mut c).await, vec!["a".to_owned()]);

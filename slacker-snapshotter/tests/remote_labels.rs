@@ -11,30 +11,17 @@ mod support;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::api::snapshots::v1::*;
 use containerd_snapshots::tonic::Code;
-use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
 use slacker_core::LayerStore;
 use slacker_core::layer::LayerStoreOptions;
 use slacker_core::persist::{DirStore, MetaStore};
-use slacker_oci::{ClientOptions, LocalRegistry, PushLayer, RegistryClient, sha256_digest};
+use slacker_oci::{ClientOptions, PushLayer, RegistryClient, sha256_digest};
 use slacker_snapshotter::service::{
     LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_SNAPSHOT_REF,
 };
 use support::tree::{busybox_root, layer_tar};
 use support::*;
-
-async fn connect(sock: std::path::PathBuf) -> SnapshotsClient<Channel> {
-    let ch = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            tokio::net::UnixStream::connect(sock.clone())
-        }))
-        .await
-        .unwrap();
-    SnapshotsClient::new(ch)
-}
 
 fn cri_labels(chain: &str, digest: &str, image: &str) -> HashMap<String, String> {
     HashMap::from([
@@ -71,29 +58,13 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
         skip_or_fail::<()>(why);
         return;
     }
-    let fs = match Btrfs::new("4G") {
-        Ok(fs) => fs,
-        Err(why) => {
-            skip_or_fail::<()>(format!("no btrfs: {why}"));
-            return;
-        }
+    let Some((_fs, dir, data)) = btrfs_run("4G") else {
+        return;
     };
-    let registry = match LocalRegistry::start() {
-        Ok(r) => r,
-        Err(e) => {
-            skip_or_fail::<()>(format!("no registry: {e}"));
-            return;
-        }
+    let Some(registry) = registry() else {
+        return;
     };
-    let dir = fs.dir.path().join("run");
-    std::fs::create_dir(&dir).unwrap();
-    let data = fs.mnt.join("data");
-    std::fs::create_dir(&data).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = RegistryClient::new(ClientOptions::plain_http());
     let addr = registry.addr().to_owned();
     let lower = dir.join("lower");
@@ -138,7 +109,7 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
         &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
         &format!("metrics_address = \"127.0.0.1:19139\"\n[registry]\nplain_http = [\"{addr}\"]"),
     );
-    let snap = Snapshotter::start(&cfg);
+    let snap = snapshotter(&cfg);
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     rt.block_on(async {

@@ -26,6 +26,21 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// `len` deterministic pseudo-random bytes (xorshift64 seeded with `seed`): data that
+/// neither compresses nor repeats, for tests and benchmarks that move real volumes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// Asserts that `r` failed with `kind`.
 #[track_caller]
 pub fn assert_kind<T: std::fmt::Debug>(r: Result<T>, kind: ErrorKind) {

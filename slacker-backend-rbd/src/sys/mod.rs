@@ -6,7 +6,8 @@
 //! negative one. All of them block on the network: callers run them on
 //! `tokio::task::spawn_blocking`. Handles are closed in `Drop`; an [`Image`] keeps its
 //! [`IoCtx`] alive and an [`IoCtx`] its [`Cluster`], so the C objects are torn down in the
-//! order librados requires.
+//! order librados requires. A connected [`Cluster`] is in practice never dropped: the
+//! backend keeps every one in a process-wide registry (see `backend::CLIENTS` for why).
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -122,7 +123,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // SAFETY: every IoCtx holds an Arc of this cluster, so none is alive any more;
-        // the handle is shut down exactly once.
+        // the handle is shut down exactly once. (Only handles whose connect failed get
+        // here: connected ones live in the backend's registry until the process exits.)
         unsafe { rados_shutdown(self.raw) }
     }
 }

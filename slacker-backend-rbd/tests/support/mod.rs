@@ -148,6 +148,18 @@ impl RbdHarness {
             .unwrap_or_else(|e| panic!("open namespace {ns}: {e}"))
     }
 
+    /// A backend on namespace `ns` through a Ceph client of its own, named `host`: to the
+    /// cluster it is another host (its own locks, its own blocklist entry). Backends from
+    /// [`RbdHarness::open`] share the process's one client.
+    pub async fn open_as(&self, ns: &str, host: &str) -> RbdBackend {
+        let mut c = self.config(ns);
+        c.client_instance = format!("{ns}-{host}");
+        RbdBuilder::from_config(c)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("open namespace {ns} as host {host}: {e}"))
+    }
+
     pub fn fresh_namespace(&self) -> String {
         unique_namespace(self.test)
     }
@@ -219,14 +231,5 @@ pub fn cli(c: &Cluster, cmd: &str, args: &[&str]) -> Result<String, String> {
 
 /// Deterministic pseudo-random bytes (xorshift).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    slacker_testkit::checks::noise(len, seed)
 }

@@ -1,11 +1,16 @@
-//! Real components for the snapshotter's tests: a loop-mounted btrfs, the snapshotter
-//! process, containerd's Go suite binary. Without root or a tool, tests print
+//! Real components for the snapshotter's tests: a loop-mounted btrfs, a registry, the
+//! snapshotter process and containerd (both through the crate's `harness`, which
+//! HelloBench's `containerd` paths share), containerd's Go suite binary. Without root or a tool, tests print
 //! `SKIPPED: <why>`; under `CI=true` they fail instead.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
+use slacker_oci::LocalRegistry;
 
 pub mod tree;
 
@@ -49,48 +54,10 @@ pub fn missing(tools: &[&str]) -> Option<String> {
 
 /// Runs a command, returning stdout or a message with stderr.
 pub fn sh(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{cmd:?} could not run: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    harness::run(cmd).map_err(|e| e.to_string())
 }
 
-/// Unmounts everything under `dir` (innermost first) and detaches loop devices whose
-/// backing file is under it.
-pub fn unmount_under(dir: &Path) {
-    let d = dir.to_string_lossy().into_owned();
-    for _ in 0..2 {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut mps: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|m| m.starts_with(&d))
-            .collect();
-        mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mps {
-            let _ = sh(Command::new("umount").arg(m));
-        }
-        if let Ok(out) = sh(Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE", "-l"])) {
-            for l in out.lines() {
-                let mut it = l.split_whitespace();
-                if let (Some(dev), Some(back)) = (it.next(), it.next())
-                    && back.starts_with(&d)
-                {
-                    let _ = sh(Command::new("losetup").args(["-d", dev]));
-                }
-            }
-        }
-    }
-}
+pub use slacker_snapshotter::harness::{self, Containerd, unmount_under};
 
 /// A loop-mounted btrfs in a temporary directory; dropping it unmounts everything
 /// under it.
@@ -124,78 +91,96 @@ impl Drop for Btrfs {
     }
 }
 
-/// A running `slacker-snapshotter`; killed (SIGKILL) on drop.
-pub struct Snapshotter {
-    pub child: Child,
-    pub socket: PathBuf,
-    pub config: PathBuf,
-    pub log: PathBuf,
-}
+/// A running `slacker-snapshotter` (this crate's binary); killed (SIGKILL) on drop.
+pub type Snapshotter = harness::SnapshotterProcess;
 
 /// Writes a configuration file for `backend` (a TOML `[backend]` body) under `dir`.
 pub fn write_config(dir: &Path, backend: &str, extra: &str) -> PathBuf {
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "address = \"{}\"\nroot = \"{}\"\nvolume_bytes = 1073741824\n{extra}\n[backend]\n{backend}\n",
-            dir.join("snapshotter.sock").display(),
-            dir.join("root").display()
-        ),
-    )
-    .unwrap();
-    cfg
+    harness::write_config(dir, backend, extra).expect("the snapshotter's config is written")
 }
 
-impl Snapshotter {
-    /// Starts the binary on `config` and waits for its socket.
-    pub fn start(config: &Path) -> Self {
-        let dir = config.parent().unwrap();
-        let socket = dir.join("snapshotter.sock");
-        let log = dir.join("snapshotter.log");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_slacker-snapshotter"))
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
-            .spawn()
-            .expect("slacker-snapshotter starts");
-        let mut s = Self {
-            child,
-            socket,
-            config: config.to_owned(),
-            log,
-        };
-        let t = Instant::now();
-        while !s.socket.exists() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!(
-                    "slacker-snapshotter exited ({st}): {}",
-                    std::fs::read_to_string(&s.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no socket after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+/// Starts this crate's `slacker-snapshotter` on `config` and waits for its socket.
+pub fn snapshotter(config: &Path) -> Snapshotter {
+    Snapshotter::start(Path::new(env!("CARGO_BIN_EXE_slacker-snapshotter")), config)
+        .unwrap_or_else(|e| panic!("slacker-snapshotter: {e}"))
+}
+
+/// Starts a containerd under `dir` with the snapshotter at `snapshotter_sock` as the
+/// proxy plugin `slacker`; `ctr` calls use `namespace`.
+pub fn containerd(dir: &Path, snapshotter_sock: &Path, namespace: &str) -> Containerd {
+    Containerd::start(dir, &[("slacker", snapshotter_sock)], namespace)
+        .unwrap_or_else(|e| panic!("containerd: {e}"))
+}
+
+/// A gRPC client of the snapshots API on the unix socket `sock`, retrying the
+/// connection for up to 5 s (a restarted snapshotter takes a moment to listen).
+pub async fn connect(sock: PathBuf) -> SnapshotsClient<Channel> {
+    let mut last = None;
+    for _ in 0..50 {
+        let s = sock.clone();
+        match Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                tokio::net::UnixStream::connect(s.clone())
+            }))
+            .await
+        {
+            Ok(ch) => return SnapshotsClient::new(ch),
+            Err(e) => last = Some(e),
         }
-        s
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    panic!("no connection to {}: {last:?}", sock.display());
+}
 
-    /// SIGKILLs the process and waits for it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The knfsd VM's address (`SLACKER_NFS_ADDR`), or `None` after `SKIPPED` (a failure
+/// under `CI=true`).
+pub fn nfs_addr() -> Option<String> {
+    let addr = std::env::var("SLACKER_NFS_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty());
+    if addr.is_none() {
+        skip_or_fail::<()>("SLACKER_NFS_ADDR is not set (the knfsd VM of .ci/test)");
+    }
+    addr
+}
+
+/// A registry (Debian's docker-registry on loopback), or `None` after `SKIPPED`.
+pub fn registry() -> Option<LocalRegistry> {
+    match LocalRegistry::start() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            skip_or_fail::<()>(format!("no registry: {e}"));
+            None
+        }
     }
 }
 
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A loop-mounted btrfs of `size` with two directories on it: `run` (configs, sockets,
+/// containerd, scratch trees) and `data` (the storage the backend uses); or `None` after
+/// `SKIPPED`.
+pub fn btrfs_run(size: &str) -> Option<(Btrfs, PathBuf, PathBuf)> {
+    let fs = match Btrfs::new(size) {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip_or_fail::<()>(format!("no btrfs: {why}"));
+            return None;
+        }
+    };
+    let dir = fs.dir.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let data = fs.mnt.join("data");
+    std::fs::create_dir(&data).unwrap();
+    Some((fs, dir, data))
+}
+
+/// The tests' tokio runtime (two workers, like the machine CI runs on).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Where built artefacts are cached across runs (`$SLACKER_CACHE`, default
