@@ -59,7 +59,8 @@ commands:
            slacker, slacker-lazy, slacker-lazy-trace, slacker-lazy-nora, and slacker-nfs when
            SLACKER_NFS_ADDR is set; the containerd pair containerd-overlayfs +
            containerd-slacker, ctr + runc on containerd's overlayfs vs slacker-snapshotter,
-           when containerd is installed), dedup analysis, write results with the issue-14 goals
+           when containerd is installed), dedup analysis, write results with the issue-14
+           goals
   corpus   build/reuse the corpus only, and print build times and sizes
   dedup    compression vs dedup analysis (Figure 7) only
   check    say what this host can run and what is missing

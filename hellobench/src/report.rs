@@ -280,10 +280,10 @@ impl Results {
             s += &self.comparison_table(o);
         }
         s += &self.goals_table();
-        s += &crate::containerd::pair_markdown(self);
         if let Some(g) = &self.goals {
             s += &g.markdown(self.fair_link.as_ref());
         }
+        s += &crate::containerd::pair_markdown(self);
         if let Some(d) = &self.dedup {
             s += &dedup_table(d);
         }
