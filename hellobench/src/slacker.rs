@@ -64,6 +64,7 @@ use slacker_core::worker::{
 };
 use slacker_core::{Backend, ErrorKind, LayerStore, LayerStoreOptions, SnapshotId};
 use slacker_fuse::{Mount, MountOptions};
+use slacker_oci::deploy::DeployOptions;
 use slacker_oci::referrers::StartupTrace;
 use slacker_oci::{ClientOptions, PushOptions, RegistryClient};
 
@@ -460,7 +461,7 @@ impl SlackerPath {
                 },
                 if self.mode == Mode::LazyTrace {
                     format!(
-                        "; with a startup trace: prepare records one by an untimed deploy (unthrottled), push attaches it to the pushed manifest as an OCI referrer (fallback tag sha256-<hex>), pull fetches it after the image, run prefetches at most {} MiB of it ({} requests in flight) in the background while mounting and starting, on a cleared cache (a fresh worker)",
+                        "; with a startup trace: prepare records one by an untimed deploy (unthrottled), push attaches it to the pushed manifest as an OCI referrer (fallback tag sha256-<hex>), pull fetches it alongside the image (slacker_oci::deploy::pull_with_trace), run prefetches at most {} MiB of it ({} requests in flight) in the background while mounting and starting, with blind read-ahead off, on a cleared cache (a fresh worker)",
                         TRACE_PREFETCH_BYTES >> 20,
                         LazyVolumeOptions::default().prefetch_parallelism
                     )
@@ -640,10 +641,21 @@ impl BenchPath for SlackerPath {
             .pull_client
             .take()
             .ok_or_else(|| Error::msg("pull before prepare"))?;
-        let report = client
-            .pull_image(&self.worker, &reference)
-            .await
-            .with_context(|| format!("pulling {reference}"))?;
+        // slacker-lazy-trace deploys the way a runtime would (slacker_oci::deploy): the
+        // trace is fetched alongside the pull, after the manifest.
+        let (report, pulled_trace) = if self.mode == Mode::LazyTrace {
+            let p = client
+                .pull_with_trace(&self.worker, &reference, &DeployOptions::default())
+                .await
+                .with_context(|| format!("pulling {reference} with its startup trace"))?;
+            (p.pull, Some(p.trace))
+        } else {
+            let report = client
+                .pull_image(&self.worker, &reference)
+                .await
+                .with_context(|| format!("pulling {reference}"))?;
+            (report, None)
+        };
         let kinds: Vec<String> = report
             .layers
             .iter()
@@ -657,11 +669,7 @@ impl BenchPath for SlackerPath {
             kinds.join(", ")
         )];
         let mut trace_bytes = 0;
-        if self.mode == Mode::LazyTrace {
-            let pulled = client
-                .pull_trace(&reference, &report.manifest_digest)
-                .await
-                .with_context(|| format!("fetching the startup trace of {reference}"))?;
+        if let Some(pulled) = pulled_trace {
             match pulled {
                 Some(p) => {
                     trace_bytes = p.bytes;
@@ -739,6 +747,12 @@ impl BenchPath for SlackerPath {
                     let v = Arc::new(v);
                     self.st(image).verifier = Some(v.clone());
                     options = options.with_verifier(v);
+                }
+                if self.st(image).trace.is_some() && !DeployOptions::default().read_ahead_with_trace
+                {
+                    // As slacker_oci::deploy does: the trace names the blocks the start
+                    // reads, so blind read-ahead would only add bytes.
+                    options = options.with_read_ahead(0).with_max_read_ahead(0);
                 }
                 let lazy =
                     LazyVolume::open(self.data.clone(), vol, self.cache.clone(), options).await?;
