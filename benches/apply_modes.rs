@@ -19,65 +19,15 @@
 //! false`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slacker_backend_btrfs::BtrfsBuilder;
+use slacker_benches::Scratch;
 use slacker_core::layer::TarOptions;
 use slacker_core::layer::archive::TreeTar;
 use slacker_core::persist::{DirStore, MetaStore};
 use slacker_core::{ApplyMode, LayerStore, LayerStoreOptions};
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A loop-mounted btrfs, unmounted and deleted on drop.
-struct Scratch {
-    dir: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("slacker-apply-bench-{}", std::process::id()));
-        let (img, mnt) = (dir.join("img"), dir.join("mnt"));
-        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-        let s = Self { dir, mnt };
-        sh(&["truncate", "-s", "16G", &img.to_string_lossy()])?;
-        sh(&["mkfs.btrfs", "-q", "-f", &img.to_string_lossy()])?;
-        sh(&[
-            "mount",
-            "-o",
-            "loop",
-            &img.to_string_lossy(),
-            &s.mnt.to_string_lossy(),
-        ])?;
-        Ok(s)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let m = self.mnt.to_string_lossy().into_owned();
-        if sh(&["umount", &m]).is_err() {
-            let _ = sh(&["umount", "-l", &m]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Layer `i` of the stack: 16 new files of 64 KiB, one rewritten file, one whiteout of
 /// the previous layer's first file.
@@ -195,7 +145,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let scratch = match Scratch::new() {
+    let scratch = match Scratch::new("apply", "16G") {
         Ok(s) => s,
         Err(e) => {
             println!("SKIPPED: cannot make a loop-mounted btrfs: {e}");

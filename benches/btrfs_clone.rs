@@ -13,63 +13,13 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use slacker_backend_btrfs::BtrfsBuilder;
+use slacker_benches::Scratch;
 use slacker_core::{Backend, VolumeId, VolumeOptions};
 
 const MIB: u64 = 1 << 20;
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A loop-mounted btrfs, unmounted and deleted on drop.
-struct Scratch {
-    dir: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("slacker-btrfs-bench-{}", std::process::id()));
-        let (img, mnt) = (dir.join("img"), dir.join("mnt"));
-        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-        let s = Self { dir, mnt };
-        sh(&["truncate", "-s", "24G", &img.to_string_lossy()])?;
-        sh(&["mkfs.btrfs", "-q", "-f", &img.to_string_lossy()])?;
-        sh(&[
-            "mount",
-            "-o",
-            "loop",
-            &img.to_string_lossy(),
-            &s.mnt.to_string_lossy(),
-        ])?;
-        Ok(s)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let m = self.mnt.to_string_lossy().into_owned();
-        if sh(&["umount", &m]).is_err() {
-            let _ = sh(&["umount", "-l", &m]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -139,7 +89,7 @@ fn main() {
     let scratch;
     let base = match std::env::var_os("SLACKER_BTRFS_ROOT") {
         Some(p) => PathBuf::from(p),
-        None => match Scratch::new() {
+        None => match Scratch::new("btrfs", "24G") {
             Ok(s) => {
                 scratch = s;
                 scratch.mnt.clone()

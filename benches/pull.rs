@@ -14,68 +14,18 @@
 //! image) through a client that has already talked to the registry (a daemon's steady
 //! state); one extra figure gives a brand-new client's first pull.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use slacker_backend_btrfs::BtrfsBuilder;
 use slacker_backend_mem::MemBackend;
+use slacker_benches::Scratch;
 use slacker_core::persist::{DirStore, MetaStore};
 use slacker_core::{Backend, LayerStore, LayerStoreOptions};
 use slacker_oci::{ClientOptions, LocalRegistry, PushOptions, RegistryClient};
 
 const VOLUME: u64 = 64 << 20;
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A loop-mounted btrfs, unmounted and deleted on drop.
-struct Scratch {
-    dir: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("slacker-pull-bench-{}", std::process::id()));
-        let (img, mnt) = (dir.join("img"), dir.join("mnt"));
-        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-        let s = Self { dir, mnt };
-        sh(&["truncate", "-s", "2G", &img.to_string_lossy()])?;
-        sh(&["mkfs.btrfs", "-q", "-f", &img.to_string_lossy()])?;
-        sh(&[
-            "mount",
-            "-o",
-            "loop",
-            &img.to_string_lossy(),
-            &s.mnt.to_string_lossy(),
-        ])?;
-        Ok(s)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let m = self.mnt.to_string_lossy().into_owned();
-        if sh(&["umount", &m]).is_err() {
-            let _ = sh(&["umount", "-l", &m]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -185,7 +135,7 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    match Scratch::new() {
+    match Scratch::new("pull", "2G") {
         Ok(s) => {
             let root = s.mnt.join("slacker");
             std::fs::create_dir_all(&root).expect("btrfs root");

@@ -134,19 +134,9 @@ pub fn unique_dir(test: &str) -> String {
     format!("{run}/{test}")
 }
 
-/// Deterministic pseudo-random bytes (xorshift).
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes (xorshift), shared with the other backends' tests.
+#[allow(unused_imports)] // not every test binary that includes this module uses it
+pub use slacker_testkit::checks::noise as pattern;
 
 /// The backend's test harness: every `fresh()` is a new directory under one
 /// directory per test process; `reopen` is a new backend (a new session) on
