@@ -69,6 +69,9 @@ directory = "$REG"
 TOML
 
 export CARGO_TARGET_DIR="${SLACKER_OUTSIDE_TARGET:-$CARGO_TARGET_DIR/outside-consumer}"
+# Cargo takes a registry crate of a known name and version as unchanged and would reuse
+# the slacker-* an earlier run compiled here: rebuild them from this run's .crate files.
+rm -rf "$CARGO_TARGET_DIR"/debug/.fingerprint/slacker-*
 log "dependency tree of the consumer (normal edges):"
 cargo tree --offline -e normal --prefix none | sort -u | tee "$WORK/tree" >&2
 for heavy in tokio tar flate2 ruzstd serde_json tempfile blake3; do
