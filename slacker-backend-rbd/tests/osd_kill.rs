@@ -31,11 +31,24 @@ async fn osd_sigkill_mid_workload_loses_nothing() {
         return;
     };
     let restarted = Arc::new(AtomicBool::new(false));
+    // Set while a workload round runs: the kill must land inside one. (A fixed delay
+    // missed once the rounds got shorter: killed at 700 ms, between rounds.)
+    let in_round = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let killer = {
-        let (dir, restarted) = (dir.clone(), Arc::clone(&restarted));
+        let (dir, restarted, in_round) =
+            (dir.clone(), Arc::clone(&restarted), Arc::clone(&in_round));
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(700));
+            loop {
+                while !in_round.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                // Into the round (a round takes hundreds of ms), then only if it still runs.
+                std::thread::sleep(Duration::from_millis(60));
+                if in_round.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
             let pid = osd_pid(&dir);
             let killed_at = started.elapsed();
             let ok = std::process::Command::new("kill")
@@ -68,7 +81,9 @@ async fn osd_sigkill_mid_workload_loses_nothing() {
         let b = h.open(&ns).await;
         let t0 = started.elapsed();
         let never = CrashPlan::never();
+        in_round.store(true, Ordering::SeqCst);
         let run = run_until_crash(&b, &workload(), &never).await;
+        in_round.store(false, Ordering::SeqCst);
         assert!(
             run.interrupted.is_none(),
             "an operation failed: {:?}",
