@@ -36,12 +36,13 @@
 //! sudo -E cargo bench -p slacker-hellobench --bench many_workers -- \
 //!     [--backends rbd,nfs] [--workers 1,2,4,8] [--reps 3] [--image-mib 128] \
 //!     [--startup-mib 4] [--rate 1gbit] [--latency-us 200] [--link shared,per-worker] \
-//!     [--no-trace] [--keep-cluster]
+//!     [--no-trace] [--ceph-debug-logs] [--keep-cluster]
 //! ```
 //!
 //! Needs root (namespaces, veth, tc). RBD: a throw-away cluster of
 //! `slacker-backend-rbd/cluster/start.sh` listening on the bridge (`/tmp/slacker-mw-ceph`,
-//! monitor port 3610; purged at the end unless `--keep-cluster`). NFS:
+//! monitor port 3610; purged at the end unless `--keep-cluster`), with Ceph's debug logging
+//! off (as for any Ceph benchmark; `--ceph-debug-logs` keeps the defaults). NFS:
 //! `SLACKER_NFS_ADDR=host:port` (the knfsd VM), reached from the namespaces through a
 //! TCP relay on the bridge address; the VM's qemu process is `$NFSVM_RUN/qemu.pid` when
 //! `NFSVM_RUN` is set (a private VM), else the first process with `-name nfsvm`.
@@ -395,6 +396,7 @@ struct Args {
     latency_us: u64,
     links: Vec<Link>,
     use_trace: bool,
+    ceph_quiet: bool,
     keep_cluster: bool,
 }
 
@@ -409,6 +411,7 @@ fn parse_args() -> Res<Args> {
         latency_us: 200,
         links: vec![Link::Shared, Link::PerWorker],
         use_trace: true,
+        ceph_quiet: true,
         keep_cluster: false,
     };
     let mut it = std::env::args().skip(1);
@@ -438,6 +441,7 @@ fn parse_args() -> Res<Args> {
                     .collect::<Res<_>>()?
             }
             "--no-trace" => a.use_trace = false,
+            "--ceph-debug-logs" => a.ceph_quiet = false,
             "--keep-cluster" => a.keep_cluster = true,
             // cargo bench passes --bench
             "--bench" => {}
@@ -447,8 +451,9 @@ fn parse_args() -> Res<Args> {
     Ok(a)
 }
 
-/// The cluster's config and its storage server processes (the OSD and the monitor).
-fn rbd_cluster() -> Res<(RbdConfig, Vec<(String, u32)>)> {
+/// The cluster's config and its storage server processes (OSD, monitor, manager).
+/// `quiet`: Ceph's debug logging off, daemons and clients.
+fn rbd_cluster(quiet: bool) -> Res<(RbdConfig, Vec<(String, u32)>)> {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../slacker-backend-rbd/cluster/start.sh");
     let out = Command::new("bash")
@@ -473,8 +478,55 @@ fn rbd_cluster() -> Res<(RbdConfig, Vec<(String, u32)>)> {
     let mut c = RbdConfig::new(get("SLACKER_RBD_MON").ok_or("no monitors printed")?);
     c.keyring = get("SLACKER_RBD_KEYRING").filter(|k| !k.is_empty());
     c.namespace = Some(format!("mw-{}", std::process::id()));
+    if quiet {
+        // Debug logging off (Ceph gathers levels up to 5 in memory by default: CPU on
+        // every op), in the monitor's config database: daemons apply it at once and
+        // every client gets it when it connects.
+        let conf = format!("{RBD_DIR}/quiet.conf");
+        let mut text = String::from("[global]\n");
+        for sub in [
+            "ms",
+            "osd",
+            "bluestore",
+            "bluefs",
+            "bdev",
+            "rocksdb",
+            "objecter",
+            "rados",
+            "rbd",
+            "auth",
+            "monc",
+            "mon",
+            "paxos",
+            "finisher",
+            "journaler",
+            "objectcacher",
+            "client",
+            "optracker",
+            "asok",
+            "throttle",
+            "refs",
+            "crush",
+            "mgrc",
+            "perfcounter",
+        ] {
+            text.push_str(&format!("debug_{sub} = 0/0\n"));
+        }
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+        run(
+            "ceph",
+            &[
+                "-c",
+                &format!("{RBD_DIR}/ceph.conf"),
+                "config",
+                "assimilate-conf",
+                "-i",
+                &conf,
+            ],
+        )?;
+    }
     let mut pids = Vec::new();
-    for d in ["osd", "mon"] {
+    for d in ["osd", "mon", "mgr"] {
         let pid = std::fs::read_to_string(format!("{RBD_DIR}/run/{d}.pid"))
             .map_err(|e| e.to_string())?
             .trim()
@@ -689,7 +741,7 @@ async fn coordinator(args: Args) -> Res<()> {
         for kind in &args.backends {
             match kind.as_str() {
                 "rbd" => {
-                    let (cfg, server) = rbd_cluster()?;
+                    let (cfg, server) = rbd_cluster(args.ceph_quiet)?;
                     let admin = RbdBuilder::from_config(cfg.clone())
                         .build()
                         .await
@@ -749,7 +801,7 @@ async fn coordinator(args: Args) -> Res<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "many workers: image {} MiB, startup reads {} MiB, link {} (tbf) + {} us per call, \
-         deploy {}, {} reps; load at end {}",
+         deploy {}, ceph debug logs {}, {} reps; load at end {}",
         args.image_mib,
         args.startup_mib,
         args.rate,
@@ -759,6 +811,7 @@ async fn coordinator(args: Args) -> Res<()> {
         } else {
             "without trace (read-ahead on)"
         },
+        if args.ceph_quiet { "off" } else { "default" },
         args.reps,
         load.trim()
     );
