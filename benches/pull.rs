@@ -1,11 +1,16 @@
 //! Pull latency of a slacker image through a real registry on loopback, and where it goes:
-//! the registry round trips (manifest, config, reference layer) and the layer store's
-//! durable records and holds (`apply_diff` of a reference layer).
+//! the registry round trips (the manifest, then the config and the reference layer at
+//! once) and the layer store's durable writes (`apply_diff` of a reference layer: its
+//! layer record, then the holds on the data and Merkle tree snapshots, batched through
+//! `Backend::hold_snapshots`; the same holds one by one for comparison), with the unit
+//! costs on the same file system (one durable document: temp file, fsync, rename,
+//! directory fsync; one fsync).
 //!
 //! ```text
 //! cargo bench -p slacker-benches --bench pull          # SLACKER_PULL_ITERS=40
 //! ```
 //!
+//! With `SLACKER_NFS_ADDR=host:port` the same runs first on NFS (metadata on local disk).
 //! Storage is a loop-mounted btrfs (root and `mkfs.btrfs`; the layer store's metadata on the
 //! same btrfs, as HelloBench keeps it), else the mem backend with the metadata in a
 //! temporary directory (said in the output). The registry is a local `docker-registry`
@@ -21,6 +26,7 @@ use std::time::Instant;
 
 use slacker_backend_btrfs::BtrfsBuilder;
 use slacker_backend_mem::MemBackend;
+use slacker_backend_nfs::NfsBuilder;
 use slacker_benches::Scratch;
 use slacker_core::persist::{DirStore, MetaStore};
 use slacker_core::{Backend, LayerStore, LayerStoreOptions};
@@ -101,6 +107,7 @@ struct Figures {
     pull: Vec<f64>,
     manifest: Vec<f64>,
     blobs: Vec<f64>,
+    blobs_sequential: Vec<f64>,
     apply: Vec<f64>,
     record: Vec<f64>,
     record_writes: u64,
@@ -108,6 +115,7 @@ struct Figures {
     holds_one_by_one: Vec<f64>,
     doc_write: Vec<f64>,
     fsync: Vec<f64>,
+    dir_fsync: Vec<f64>,
 }
 
 async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
@@ -156,6 +164,10 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         config.expect("config");
         let layer = layer.expect("layer");
         f.blobs.push(ms_since(t));
+        let t = Instant::now();
+        client.pull_blob(&image, &m.config).await.expect("config");
+        client.pull_blob(&image, &m.layers[0]).await.expect("layer");
+        f.blobs_sequential.push(ms_since(t));
 
         // The store's part alone, and within it the layer record's durable write.
         let name = format!("a{i}");
@@ -198,15 +210,22 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         let t = Instant::now();
         file.sync_all().expect("fsync");
         f.fsync.push(ms_since(t));
+        // A directory sync after a rename in it (what makes a document's new name durable).
+        std::fs::rename(&path, scratch_doc.dir().join("renamed")).expect("rename");
+        let dir = std::fs::File::open(scratch_doc.dir()).expect("dir");
+        let t = Instant::now();
+        dir.sync_all().expect("fsync dir");
+        f.dir_fsync.push(ms_since(t));
     }
     println!(
         "pull_image (median of {iters}): {:.2} ms; {bytes} B moved",
         median(f.pull)
     );
     println!(
-        "  registry: manifest {:.2} ms, then config + reference layer at once {:.2} ms",
+        "  registry: manifest {:.2} ms, then config + reference layer at once {:.2} ms (one after the other: {:.2} ms)",
         median(f.manifest),
-        median(f.blobs)
+        median(f.blobs),
+        median(f.blobs_sequential)
     );
     println!(
         "  apply_diff of the reference layer: {:.2} ms, of which the layer record ({} durable writes) {:.2} ms",
@@ -220,9 +239,10 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         median(f.holds_one_by_one)
     );
     println!(
-        "  unit costs: one durable document (2 fsyncs) {:.2} ms, one fsync {:.2} ms",
+        "  unit costs: one durable document {:.2} ms = fsync of its temp file {:.2} ms + fsync of the directory after the rename {:.2} ms",
         median(f.doc_write),
-        median(f.fsync)
+        median(f.fsync),
+        median(f.dir_fsync)
     );
     println!("  first pull of a new client: {first:.2} ms");
 }
@@ -259,6 +279,22 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // With `SLACKER_NFS_ADDR=host:port`: the same on NFS (the layer store's metadata in a
+    // local temporary directory, as a worker keeps it).
+    if let Ok(nfs) = std::env::var("SLACKER_NFS_ADDR") {
+        if !nfs.is_empty() {
+            let meta = tempfile::tempdir().expect("tempdir");
+            let dir = format!("bench-pull-{}", std::process::id());
+            let b = rt
+                .block_on(NfsBuilder::new(&nfs).dir(&dir).build())
+                .expect("NFS backend");
+            println!(
+                "storage: NFS at {nfs} (directory {dir}), metadata in {}",
+                meta.path().display()
+            );
+            rt.block_on(run(b, meta.path(), &addr, iters));
+        }
+    }
     match Scratch::new("pull", "2G") {
         Ok(s) => {
             let root = s.mnt.join("slacker");

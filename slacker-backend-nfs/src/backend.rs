@@ -1232,6 +1232,26 @@ impl Backend for NfsBackend {
         Err(not_found())
     }
 
+    /// The holds in parallel: each is a few RPCs on its own snapshot's holds directory,
+    /// independent of the others. Returns once every one has finished (placed or failed),
+    /// with the first error.
+    async fn hold_snapshots(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
+        validate_holder(holder)?;
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            let (b, id, holder) = (self.clone(), id.clone(), holder.to_owned());
+            set.spawn(async move { b.hold_snapshot(&id, &holder).await });
+        }
+        let mut first = None;
+        while let Some(r) = set.join_next().await {
+            let r = r.map_err(|e| Error::backend(SCHEME, format!("hold task: {e}")))?;
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
         let key = snap_key(id)?;
         if !self.snapshot_exists(key).await? {

@@ -430,3 +430,46 @@ async fn an_unreachable_server_fails_within_the_connect_timeout() {
     assert!(msg.contains("no answer") && msg.contains(&silent), "{msg}");
     println!("closed: ...; silent: {msg}");
 }
+
+/// `hold_snapshots` (the holds in parallel) places every hold, durably (seen by a second
+/// worker), is idempotent, and with an unknown snapshot in the batch fails `NotFound`
+/// after placing the others (the caller releases them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_holds_are_all_placed_and_seen_by_another_worker() {
+    let Some(h) = harness() else { return };
+    let (a, b) = two_workers(&h).await;
+    let v = vid("held");
+    a.create_volume(&v, &VolumeOptions::new(MIB)).await.unwrap();
+    let mut snaps = Vec::new();
+    for i in 0..3u8 {
+        a.write_at(&v, 0, &[i; 4096]).await.unwrap();
+        snaps.push(a.snapshot(&v).await.unwrap());
+    }
+    a.hold_snapshots(&snaps, "layer").await.unwrap();
+    a.hold_snapshots(&snaps, "layer").await.unwrap();
+    for s in &snaps {
+        assert_eq!(
+            b.stat_snapshot(s).await.unwrap().holds,
+            vec!["layer".to_owned()]
+        );
+        assert_kind(b.remove_snapshot(s).await, ErrorKind::InUse);
+    }
+    let gone = a.snapshot(&v).await.unwrap();
+    a.remove_snapshot(&gone).await.unwrap();
+    let batch = [snaps[0].clone(), gone, snaps[1].clone()];
+    assert_kind(a.hold_snapshots(&batch, "other").await, ErrorKind::NotFound);
+    for s in &snaps[..2] {
+        assert!(
+            b.stat_snapshot(s)
+                .await
+                .unwrap()
+                .holds
+                .contains(&"other".to_owned())
+        );
+        a.release_snapshot(s, "other").await.unwrap();
+    }
+    assert_kind(
+        a.hold_snapshots(&snaps, "../bad").await,
+        ErrorKind::InvalidInput,
+    );
+}

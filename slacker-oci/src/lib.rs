@@ -158,6 +158,59 @@ pub(crate) async fn read_capped(
     Ok(out)
 }
 
+/// Attempts of a blob upload or manifest push that a concurrent push of the same blobs
+/// may fail, and the first pause between them (doubling: 20 ms to 320 ms, 620 ms in all).
+const PUSH_ATTEMPTS: u32 = 5;
+const PUSH_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether a failed push is worth retrying: a server error, or distribution's answers
+/// while a concurrent pusher rewrites a blob's link (`BLOB_UNKNOWN`, `DIGEST_INVALID`).
+fn retryable(e: &Error) -> bool {
+    let m = e.to_string();
+    ["BLOB_UNKNOWN", "DIGEST_INVALID", ": 5", "code: 5"]
+        .iter()
+        .any(|p| m.contains(p))
+}
+
+/// Runs `f` until it succeeds, up to [`PUSH_ATTEMPTS`] times while it fails with a
+/// [`retryable`] error, pausing [`PUSH_PAUSE`] (doubling) in between.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut pause = PUSH_PAUSE;
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if attempt < PUSH_ATTEMPTS && retryable(&e) => {
+                tracing::debug!(error = %e, attempt, "registry push step failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `resp` if its status is a success, else a `Backend` error naming the status and the
+/// start of the body.
+async fn status_ok(method: &str, url: &str, resp: reqwest::Response) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    Err(Error::backend(
+        "oci",
+        format!(
+            "{method} {url}: {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(512)]).trim()
+        ),
+    ))
+}
+
 fn oci_error(e: impl std::fmt::Display) -> Error {
     Error::backend("oci", e.to_string())
 }
@@ -507,6 +560,9 @@ pub struct RegistryClient {
     http: reqwest::Client,
     /// Per registry: whether `GET /v2/` answered 200 without a challenge (probed once).
     open: Mutex<HashMap<String, bool>>,
+    /// Held while probing, so that concurrent first requests (a push uploads its layer
+    /// and config at once) probe once.
+    probing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -552,6 +608,7 @@ impl RegistryClient {
             auths: Mutex::new(HashMap::new()),
             http,
             open: Mutex::new(HashMap::new()),
+            probing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -573,6 +630,10 @@ impl RegistryClient {
             return false;
         }
         let registry = r.resolve_registry().to_owned();
+        if let Some(&open) = self.open.lock().expect("open lock").get(&registry) {
+            return open;
+        }
+        let _probing = self.probing.lock().await;
         if let Some(&open) = self.open.lock().expect("open lock").get(&registry) {
             return open;
         }
@@ -707,19 +768,105 @@ impl RegistryClient {
         Ok(auth)
     }
 
-    async fn upload(&self, r: &Reference, media_type: &str, data: Vec<u8>) -> Result<BlobTransfer> {
+    /// Whether `r`'s repository has blob `digest`: one `HEAD` on the open-registry pool,
+    /// else through oci-client.
+    async fn blob_exists(&self, r: &Reference, open: bool, digest: &str) -> Result<bool> {
+        if !open {
+            return self.client.blob_exists(r, digest).await.map_err(oci_error);
+        }
+        let url = format!("{}/v2/{}/blobs/{digest}", self.base_url(r), r.repository());
+        let resp = self
+            .http
+            .head(&url)
+            .send()
+            .await
+            .map_err(|e| Error::backend("oci", format!("HEAD {url}: {e}")))?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            reqwest::StatusCode::NOT_FOUND => Ok(false),
+            s => Err(Error::backend("oci", format!("HEAD {url}: {s}"))),
+        }
+    }
+
+    /// One monolithic upload of a blob: `POST` an upload, `PUT` the bytes to the
+    /// location it names (two requests on the open-registry pool), else through
+    /// oci-client (which probes `/v2/` before each).
+    async fn push_blob_once(
+        &self,
+        r: &Reference,
+        open: bool,
+        data: &bytes::Bytes,
+        digest: &str,
+    ) -> Result<()> {
+        if !open {
+            return self
+                .client
+                .push_blob(r, data.clone(), digest)
+                .await
+                .map(|_| ())
+                .map_err(oci_error);
+        }
+        let base = self.base_url(r);
+        let url = format!("{base}/v2/{}/blobs/uploads/", r.repository());
+        let resp = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_LENGTH, "0")
+            .send()
+            .await
+            .map_err(|e| Error::backend("oci", format!("POST {url}: {e}")))?;
+        let resp = status_ok("POST", &url, resp).await?;
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::backend("oci", format!("POST {url}: no Location")))?;
+        let location = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else {
+            location.to_owned()
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{sep}digest={digest}");
+        let resp = self
+            .http
+            .put(&put)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(data.clone())
+            .send()
+            .await
+            .map_err(|e| Error::backend("oci", format!("PUT {url}: {e}")))?;
+        status_ok("PUT", &url, resp).await.map(|_| ())
+    }
+
+    /// Uploads a blob unless the repository has it. Runtimes pushing the same image (or
+    /// images sharing a layer) at once upload the same blob at once, and distribution
+    /// 2.8 may then fail some of those uploads (500) while another one commits: an upload
+    /// that fails is retried after a pause unless the blob is there by then.
+    pub(crate) async fn upload(
+        &self,
+        r: &Reference,
+        media_type: &str,
+        data: Vec<u8>,
+    ) -> Result<BlobTransfer> {
+        let auth = self.prepare(r).await?;
+        let open = self.open_registry(r, &auth).await;
         let digest = sha256_digest(&data);
         let size = data.len() as u64;
-        let exists = self
-            .client
-            .blob_exists(r, &digest)
-            .await
-            .map_err(oci_error)?;
+        let exists = retry(|| self.blob_exists(r, open, &digest)).await?;
         if !exists {
-            self.client
-                .push_blob(r, data, &digest)
-                .await
-                .map_err(oci_error)?;
+            let data = bytes::Bytes::from(data);
+            retry(|| async {
+                match self.push_blob_once(r, open, &data, &digest).await {
+                    Ok(()) => Ok(()),
+                    // Another pusher's upload of the same blob may have won.
+                    Err(e) => match self.blob_exists(r, open, &digest).await {
+                        Ok(true) => Ok(()),
+                        _ => Err(e),
+                    },
+                }
+            })
+            .await?;
         }
         Ok(BlobTransfer {
             digest,
@@ -729,22 +876,59 @@ impl RegistryClient {
         })
     }
 
-    async fn put_manifest(
+    /// Stores a manifest (or index) under `r`'s tag or digest: one `PUT` on the
+    /// open-registry pool, else through oci-client. Distribution 2.8 rewrites a blob's
+    /// link in the repository in place when another pusher commits the same blob, and a
+    /// manifest checked at that moment is refused (`MANIFEST_BLOB_UNKNOWN`): such an
+    /// answer is retried after a pause.
+    pub(crate) async fn put_manifest(
         &self,
         r: &Reference,
         media_type: &str,
         body: Vec<u8>,
     ) -> Result<(String, u64)> {
+        let auth = self.prepare(r).await?;
+        let open = self.open_registry(r, &auth).await;
         let digest = sha256_digest(&body);
         let n = body.len() as u64;
-        let ct = media_type
-            .parse()
-            .map_err(|_| Error::invalid(format!("media type {media_type:?}")))?;
-        self.client
-            .push_manifest_raw(r, body, ct)
-            .await
-            .map_err(oci_error)?;
+        let body = bytes::Bytes::from(body);
+        retry(|| self.put_manifest_once(r, open, media_type, &body)).await?;
         Ok((digest, n))
+    }
+
+    async fn put_manifest_once(
+        &self,
+        r: &Reference,
+        open: bool,
+        media_type: &str,
+        body: &bytes::Bytes,
+    ) -> Result<()> {
+        if !open {
+            let ct = media_type
+                .parse()
+                .map_err(|_| Error::invalid(format!("media type {media_type:?}")))?;
+            return self
+                .client
+                .push_manifest_raw(r, body.to_vec(), ct)
+                .await
+                .map(|_| ())
+                .map_err(oci_error);
+        }
+        let name = r.digest().or(r.tag()).unwrap_or("latest");
+        let url = format!(
+            "{}/v2/{}/manifests/{name}",
+            self.base_url(r),
+            r.repository()
+        );
+        let resp = self
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_TYPE, media_type)
+            .body(body.clone())
+            .send()
+            .await
+            .map_err(|e| Error::backend("oci", format!("PUT {url}: {e}")))?;
+        status_ok("PUT", &url, resp).await.map(|_| ())
     }
 
     /// Pushes an image made of `layers` (bottom first) as an OCI image manifest tagged

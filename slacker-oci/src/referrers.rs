@@ -225,31 +225,14 @@ const MANIFEST_TYPES: [&str; 2] = [OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_T
 
 impl RegistryClient {
     async fn upload_blob(&self, r: &Reference, data: Vec<u8>) -> Result<(String, u64, bool)> {
-        let digest = sha256_digest(&data);
-        let size = data.len() as u64;
-        let c = self.inner();
-        let exists = c.blob_exists(r, &digest).await.map_err(oci_error)?;
-        if !exists {
-            if let Err(e) = c.push_blob(r, data, &digest).await {
-                // Another pusher uploading the same blob at once (the empty config of
-                // every trace) can make distribution answer 500; the blob is there then.
-                if !c.blob_exists(r, &digest).await.unwrap_or(false) {
-                    return Err(oci_error(e));
-                }
-            }
-        }
-        Ok((digest, size, !exists))
+        // `upload` retries the 500 that concurrent uploads of one blob (the empty config
+        // of every trace) can get from distribution.
+        let t = self.upload(r, "", data).await?;
+        Ok((t.digest, t.size, t.transferred))
     }
 
     async fn put_raw(&self, r: &Reference, media_type: &str, body: Vec<u8>) -> Result<()> {
-        let ct = media_type
-            .parse()
-            .map_err(|_| Error::invalid(format!("media type {media_type:?}")))?;
-        self.inner()
-            .push_manifest_raw(r, body, ct)
-            .await
-            .map_err(oci_error)?;
-        Ok(())
+        self.put_manifest(r, media_type, body).await.map(|_| ())
     }
 
     /// The slacker manifest of `image` (the `reference` entry of an index, else the image

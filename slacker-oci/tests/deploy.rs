@@ -427,12 +427,26 @@ fn counting_proxy(
     Arc<std::sync::atomic::AtomicU64>,
     Arc<std::sync::atomic::AtomicU64>,
 ) {
+    let (addr, conns, gets, _) = counting_proxy_with_probes(upstream);
+    (addr, conns, gets)
+}
+
+/// [`counting_proxy`], also counting the `GET /v2/` probes alone.
+fn counting_proxy_with_probes(
+    upstream: String,
+) -> (
+    String,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicU64, Ordering};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let (conns, gets) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (c2, g2) = (conns.clone(), gets.clone());
+    let probes = Arc::new(AtomicU64::new(0));
+    let (c2, g2, p2) = (conns.clone(), gets.clone(), probes.clone());
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(client) = conn else { break };
@@ -441,21 +455,30 @@ fn counting_proxy(
             };
             c2.fetch_add(1, Ordering::SeqCst);
             let (mut cr, mut sw) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let g = g2.clone();
+            let (g, p) = (g2.clone(), p2.clone());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16384];
-                let mut tail: Vec<u8> = Vec::new();
+                // Each pattern keeps one byte less than itself of the previous read, so
+                // a match split across reads counts once and none counts twice.
+                let (mut tail, mut ptail): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
                 loop {
                     let n = match cr.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
                     tail.extend_from_slice(&buf[..n]);
+                    ptail.extend_from_slice(&buf[..n]);
                     let text = String::from_utf8_lossy(&tail);
                     let found = text.matches("GET /v2/").count() as u64;
                     g.fetch_add(found, Ordering::SeqCst);
+                    let probed = String::from_utf8_lossy(&ptail)
+                        .matches("GET /v2/ HTTP")
+                        .count() as u64;
+                    p.fetch_add(probed, Ordering::SeqCst);
                     let keep = tail.len().min(7);
                     tail = tail[tail.len() - keep..].to_vec();
+                    let keep = ptail.len().min(12);
+                    ptail = ptail[ptail.len() - keep..].to_vec();
                     if sw.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -469,7 +492,41 @@ fn counting_proxy(
             });
         }
     });
-    (addr, conns, gets)
+    (addr, conns, gets, probes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_asks_whether_the_registry_wants_authentication_once() {
+    use std::sync::atomic::Ordering;
+    let Some(addr) = registry() else { return };
+    let (proxy, _, _, probes) = counting_proxy_with_probes(addr.clone());
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&b, d.path(), "push").await;
+    let c = client();
+    for i in 0..3u64 {
+        let layer = format!("img{i}");
+        let v = s.create(&layer, None).await.unwrap();
+        b.write_at(&v, 0, &content(64 << 10, 40 + i)).await.unwrap();
+        let image = image(&proxy, "push-probes", &format!("v{i}"));
+        let pushed = c
+            .push_image(&s, &layer, &image, &PushOptions::default())
+            .await
+            .unwrap();
+        assert!(pushed.blobs.iter().all(|t| t.transferred), "new blobs");
+        // The image is whole: a worker pulls it directly from the registry.
+        let w = worker(&b, &format!("p{i}")).await;
+        client()
+            .pull_image(&w.store, &image.replacen(&proxy, &addr, 1))
+            .await
+            .unwrap();
+    }
+    // oci-client asked before every HEAD, POST and PUT (about 7 times per push).
+    assert_eq!(
+        probes.load(Ordering::SeqCst),
+        1,
+        "GET /v2/ probes for 3 pushes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
