@@ -172,7 +172,6 @@ fn net_up(n: usize) -> Res<()> {
 
 /// CPU time (user + system) of a process, in milliseconds.
 fn cpu_ms(pid: u32) -> Res<u64> {
-    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
     let rest = stat
         .rsplit_once(')')
@@ -182,13 +181,47 @@ fn cpu_ms(pid: u32) -> Res<u64> {
         .collect::<Vec<_>>();
     // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
     let ticks: u64 = rest[11].parse::<u64>().unwrap_or(0) + rest[12].parse::<u64>().unwrap_or(0);
-    let hz = *HZ.get_or_init(|| {
+    Ok(ticks * 1000 / clk_tck())
+}
+
+fn clk_tck() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
         run("getconf", &["CLK_TCK"])
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100)
-    });
-    Ok(ticks * 1000 / hz)
+    })
+}
+
+fn cpu_ms_per_tick() -> u64 {
+    1000 / clk_tck()
+}
+
+/// CPU ticks of every thread of this process, by thread name with digits dropped
+/// (`msgr-worker-0` and `msgr-worker-1` are one `msgr-worker-`).
+fn thread_ticks() -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some((head, rest))) = (stat.find('('), stat.rsplit_once(')')) else {
+            continue;
+        };
+        let name: String = head[open + 1..]
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        *out.entry(name).or_insert(0) += t;
+    }
+    out
 }
 
 /// The pid of the first process whose command line contains every one of `needles`.
@@ -265,6 +298,8 @@ struct WorkerResult {
     reads_ms: f64,
     /// CPU (user + system) the worker process spent during its deploy.
     cpu_ms: u64,
+    /// The same by thread name (digits dropped), threads alive at the end.
+    threads: Vec<(String, u64)>,
 }
 
 async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
@@ -288,6 +323,7 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
     let late_ms = now_ms().saturating_sub(job.start_at_ms);
     let me = std::process::id();
     let cpu0 = cpu_ms(me)?;
+    let threads0 = thread_ticks();
     b.reset();
     let t = Instant::now();
     b.clone_snapshot(&snap, &vol)
@@ -321,6 +357,16 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
             .map_err(|e| e.to_string())?;
     }
     let cpu_ms = cpu_ms(me)?.saturating_sub(cpu0);
+    // Threads that ended during the deploy are missing here (their CPU is in cpu_ms).
+    let hz = cpu_ms_per_tick();
+    let threads = thread_ticks()
+        .into_iter()
+        .map(|(k, t)| {
+            let before = threads0.get(&k).copied().unwrap_or(0);
+            (k, t.saturating_sub(before) * hz)
+        })
+        .filter(|(_, ms)| *ms > 0)
+        .collect();
     let c = b.counts();
     Ok(WorkerResult {
         deploy_ms,
@@ -331,6 +377,7 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
         open_ms,
         reads_ms: deploy_ms - clone_ms - open_ms,
         cpu_ms,
+        threads,
     })
 }
 
@@ -570,6 +617,8 @@ struct Row {
     open_ms_mean: f64,
     reads_ms_mean: f64,
     worker_cpu_ms_mean: f64,
+    /// Worker CPU per deploy by thread name (mean), largest first.
+    worker_threads_ms_mean: Vec<(String, f64)>,
     bytes_per_worker_mean: u64,
     bytes_per_worker_max: u64,
     requests_per_worker_mean: u64,
@@ -676,6 +725,18 @@ async fn measure(
             open_ms_mean: mean(results.iter().map(|r| r.open_ms)),
             reads_ms_mean: mean(results.iter().map(|r| r.reads_ms)),
             worker_cpu_ms_mean: mean(results.iter().map(|r| r.cpu_ms as f64)),
+            worker_threads_ms_mean: {
+                let mut by = std::collections::BTreeMap::<String, u64>::new();
+                for (k, ms) in results.iter().flat_map(|r| &r.threads) {
+                    *by.entry(k.clone()).or_insert(0) += ms;
+                }
+                let mut v: Vec<(String, f64)> = by
+                    .into_iter()
+                    .map(|(k, ms)| (k, ms as f64 / results.len().max(1) as f64))
+                    .collect();
+                v.sort_by(|a, b| b.1.total_cmp(&a.1));
+                v
+            },
             bytes_per_worker_mean: bytes.iter().sum::<u64>() / bytes.len().max(1) as u64,
             bytes_per_worker_max: bytes.iter().copied().max().unwrap_or(0),
             requests_per_worker_mean: results.iter().map(|r| r.read_requests).sum::<u64>()
@@ -846,6 +907,22 @@ async fn coordinator(args: Args) -> Res<()> {
             r.bytes_per_worker_max as f64 / 1e6,
             r.requests_per_worker_mean,
             server.join(" + ")
+        );
+    }
+    println!("worker CPU per deploy by thread (mean ms; threads alive at the end):");
+    for r in &rows {
+        let top: Vec<String> = r
+            .worker_threads_ms_mean
+            .iter()
+            .take(8)
+            .map(|(k, ms)| format!("{k} {ms:.0}"))
+            .collect();
+        println!(
+            "  {} {} N={}: {}",
+            r.backend,
+            r.link,
+            r.workers,
+            top.join(", ")
         );
     }
     println!(

@@ -15,7 +15,7 @@ use slacker_backend_nfs::client::{ClientOptions, NfsClient};
 use slacker_backend_nfs::{NfsBackend, NfsBuilder};
 use slacker_core::Backend;
 use slacker_core::persist::CrashPlan;
-use slacker_testkit::crash::{matches, run_until_crash, workload};
+use slacker_testkit::crash::{crash_every_point, matches, run_until_crash, workload};
 use support::NfsHarness;
 
 /// Every name under the backend's directory, except the clone probe.
@@ -132,26 +132,9 @@ async fn crash_at_every_sync_point() {
     assert!(total > 50, "only {total} sync points?");
 
     // Crash at each point after the build, a few at a time (each in its own directory).
-    let mut set = tokio::task::JoinSet::new();
-    let (mut as_before, mut as_after) = (0, 0);
-    let mut next = built;
-    while next < total || !set.is_empty() {
-        while next < total && set.len() < 4 {
-            set.spawn(crash_at(h.clone(), next));
-            next += 1;
-        }
-        if let Some(r) = set.join_next().await {
-            if r.expect("crash task").before {
-                as_before += 1;
-            } else {
-                as_after += 1;
-            }
-        }
-    }
-    println!(
-        "{} sync points crashed at; reopened as the state before the interrupted operation \
-         {as_before} times, after it {as_after} times",
-        total - built
-    );
-    assert!(as_before > 0 && as_after > 0);
+    crash_every_point(built..total, 4, |n| {
+        let h = h.clone();
+        async move { crash_at(h, n).await.before }
+    })
+    .await;
 }

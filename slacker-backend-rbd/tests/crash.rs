@@ -17,7 +17,7 @@ use std::sync::Arc;
 use slacker_backend_rbd::{RbdBackend, RbdBuilder};
 use slacker_core::Backend;
 use slacker_core::persist::CrashPlan;
-use slacker_testkit::crash::{matches, run_until_crash, workload};
+use slacker_testkit::crash::{crash_every_point, matches, run_until_crash, workload};
 use support::RbdHarness;
 
 /// The image ids some live object still needs: those of live snapshots, and the parents
@@ -118,26 +118,9 @@ async fn crash_at_every_sync_point() {
     let total = count.points();
     assert!(total > 20, "only {total} sync points?");
 
-    let mut set = tokio::task::JoinSet::new();
-    let (mut as_before, mut as_after) = (0, 0);
-    let mut next = built;
-    while next < total || !set.is_empty() {
-        while next < total && set.len() < 4 {
-            set.spawn(crash_at(h.clone(), next));
-            next += 1;
-        }
-        if let Some(r) = set.join_next().await {
-            if r.expect("crash task").before {
-                as_before += 1;
-            } else {
-                as_after += 1;
-            }
-        }
-    }
-    println!(
-        "{} sync points crashed at; reopened as the state before the interrupted operation \
-         {as_before} times, after it {as_after} times",
-        total - built
-    );
-    assert!(as_before > 0 && as_after > 0);
+    crash_every_point(built..total, 4, |n| {
+        let h = h.clone();
+        async move { crash_at(h, n).await.before }
+    })
+    .await;
 }

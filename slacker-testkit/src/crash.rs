@@ -6,6 +6,8 @@
 //! the mem model before or after the interrupted operation ([`apply_model`]).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::ops::Range;
 
 use slacker_backend_mem::State;
 use slacker_core::{
@@ -351,4 +353,46 @@ impl CrashedRun {
             "snapshot id reused after a crash"
         );
     }
+}
+
+/// Crashes at every sync point of `points`, at most `parallel` at a time (each one a
+/// tokio task running `crash_at(point)`, which returns [`Recovered::before`] of its
+/// run), prints how many reopened as the state before the interrupted operation and how
+/// many after it, and returns those two counts.
+///
+/// # Panics
+/// If a crash task panics, or if no point reopened as "before" or none as "after" (a
+/// workload that never interrupts an operation half-way tests nothing).
+pub async fn crash_every_point<F, Fut>(
+    points: Range<u64>,
+    parallel: usize,
+    mut crash_at: F,
+) -> (u64, u64)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    let (mut as_before, mut as_after) = (0, 0);
+    let (mut next, total) = (points.start, points.end);
+    while next < total || !set.is_empty() {
+        while next < total && set.len() < parallel.max(1) {
+            set.spawn(crash_at(next));
+            next += 1;
+        }
+        if let Some(r) = set.join_next().await {
+            if r.expect("crash task") {
+                as_before += 1;
+            } else {
+                as_after += 1;
+            }
+        }
+    }
+    println!(
+        "{} sync points crashed at; reopened as the state before the interrupted operation \
+         {as_before} times, after it {as_after} times",
+        total - points.start
+    );
+    assert!(as_before > 0 && as_after > 0);
+    (as_before, as_after)
 }
