@@ -16,6 +16,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use slacker_backend_btrfs::BtrfsBuilder;
@@ -36,16 +37,81 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-async fn store<B: Backend>(b: B, meta: &Path, name: &str) -> LayerStore<B> {
+/// A [`DirStore`] that adds up the time its durable writes take (the layer store's
+/// records).
+#[derive(Debug)]
+struct Timed {
+    inner: DirStore,
+    writes: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl Timed {
+    fn take(&self) -> (u64, f64) {
+        let n = self.writes.swap(0, Ordering::SeqCst);
+        let ns = self.nanos.swap(0, Ordering::SeqCst);
+        (n, ns as f64 / 1e6)
+    }
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(ns, Ordering::SeqCst);
+        r
+    }
+}
+
+impl MetaStore for Timed {
+    fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        self.inner.read(name)
+    }
+    fn write(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        self.timed(|| self.inner.write(name, data))
+    }
+    fn write_many(&self, docs: &[(&str, &[u8])]) -> std::io::Result<()> {
+        self.timed(|| self.inner.write_many(docs))
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.timed(|| self.inner.remove(name))
+    }
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+}
+
+async fn store<B: Backend>(b: B, meta: &Path, name: &str) -> (LayerStore<B>, Arc<Timed>) {
     std::fs::create_dir_all(meta).expect("meta dir");
-    let m: Arc<dyn MetaStore> = Arc::new(DirStore::open(meta).expect("meta"));
-    LayerStore::open(b, m, LayerStoreOptions::new(name).with_volume_size(VOLUME))
+    let timed = Arc::new(Timed {
+        inner: DirStore::open(meta).expect("meta"),
+        writes: AtomicU64::new(0),
+        nanos: AtomicU64::new(0),
+    });
+    let m: Arc<dyn MetaStore> = timed.clone();
+    let s = LayerStore::open(b, m, LayerStoreOptions::new(name).with_volume_size(VOLUME))
         .await
-        .expect("store")
+        .expect("store");
+    timed.take(); // the store document
+    (s, timed)
+}
+
+/// Medians of every figure, in milliseconds.
+#[derive(Default)]
+struct Figures {
+    pull: Vec<f64>,
+    manifest: Vec<f64>,
+    blobs: Vec<f64>,
+    apply: Vec<f64>,
+    record: Vec<f64>,
+    record_writes: u64,
+    holds_batched: Vec<f64>,
+    holds_one_by_one: Vec<f64>,
+    doc_write: Vec<f64>,
+    fsync: Vec<f64>,
 }
 
 async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
-    let pusher = store(b.clone(), &meta.join("push"), "push").await;
+    let (pusher, _) = store(b.clone(), &meta.join("push"), "push").await;
     let v = pusher.create("img", None).await.expect("create");
     b.write_at(&v, 4096, b"pull bench").await.expect("write");
     let image = format!("{addr}/bench/pull:latest");
@@ -53,52 +119,110 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         .push_image(&pusher, "img", &image, &PushOptions::default())
         .await
         .expect("push");
+    let reference = pusher.diff("img").await.expect("diff").reference;
+    let mut held = vec![reference.snapshot.clone()];
+    held.extend(reference.merkle.as_ref().map(|m| m.tree.clone()));
 
     // A brand-new client's first pull.
     let first_client = RegistryClient::new(ClientOptions::plain_http());
-    let w = store(b.clone(), &meta.join("first"), "first").await;
+    let (w, _) = store(b.clone(), &meta.join("first"), "first").await;
     let t = Instant::now();
     first_client.pull_image(&w, &image).await.expect("pull");
     let first = ms_since(t);
 
     let client = RegistryClient::new(ClientOptions::plain_http());
     client.pull_config(&image).await.expect("warm-up");
-    let (mut pull, mut registry, mut apply) = (Vec::new(), Vec::new(), Vec::new());
+    let mut f = Figures::default();
     let mut bytes = 0;
+    let scratch_doc = DirStore::open(meta.join("scratch")).expect("scratch");
     for i in 0..iters {
         let name = format!("w{i}");
-        let w = store(b.clone(), &meta.join(&name), &name).await;
+        let (w, _) = store(b.clone(), &meta.join(&name), &name).await;
         let t = Instant::now();
         let report = client.pull_image(&w, &image).await.expect("pull");
-        pull.push(ms_since(t));
+        f.pull.push(ms_since(t));
         bytes = report.bytes_downloaded();
 
-        // The same registry requests alone, as pull_image made them before this issue
-        // (one after the other), and the store's part alone.
+        // The registry requests alone, as pull_image makes them: the manifest, then the
+        // config and the reference layer at once.
         let t = Instant::now();
         let m = client.pull_manifest(&image, "reference").await.expect("m");
-        client.pull_blob(&image, &m.config).await.expect("config");
-        let layer = client.pull_blob(&image, &m.layers[0]).await.expect("layer");
-        registry.push(ms_since(t));
+        f.manifest.push(ms_since(t));
+        let t = Instant::now();
+        let (config, layer) = tokio::join!(
+            client.pull_blob(&image, &m.config),
+            client.pull_blob(&image, &m.layers[0])
+        );
+        config.expect("config");
+        let layer = layer.expect("layer");
+        f.blobs.push(ms_since(t));
+
+        // The store's part alone, and within it the layer record's durable write.
         let name = format!("a{i}");
-        let w = store(b.clone(), &meta.join(&name), &name).await;
+        let (w, timed) = store(b.clone(), &meta.join(&name), &name).await;
         let t = Instant::now();
         w.apply_diff("top", None, std::io::Cursor::new(layer))
             .await
             .expect("apply");
-        apply.push(ms_since(t));
+        f.apply.push(ms_since(t));
+        let (n, ms) = timed.take();
+        f.record.push(ms);
+        f.record_writes = n;
+
+        // The holds alone: both snapshots held in one batch, and one after the other.
+        let t = Instant::now();
+        b.hold_snapshots(&held, &format!("probe-b{i}"))
+            .await
+            .expect("hold");
+        f.holds_batched.push(ms_since(t));
+        let t = Instant::now();
+        for s in &held {
+            b.hold_snapshot(s, &format!("probe-s{i}"))
+                .await
+                .expect("hold");
+        }
+        f.holds_one_by_one.push(ms_since(t));
+        for s in &held {
+            for h in [format!("probe-b{i}"), format!("probe-s{i}")] {
+                b.release_snapshot(s, &h).await.expect("release");
+            }
+        }
+
+        // The unit costs on the same file system: one durable document, one fsync.
+        let t = Instant::now();
+        scratch_doc.write("doc", &[b'x'; 300]).expect("doc");
+        f.doc_write.push(ms_since(t));
+        let path = scratch_doc.dir().join("fsync");
+        std::fs::write(&path, [b'y'; 300]).expect("file");
+        let file = std::fs::File::open(&path).expect("open");
+        let t = Instant::now();
+        file.sync_all().expect("fsync");
+        f.fsync.push(ms_since(t));
     }
     println!(
         "pull_image (median of {iters}): {:.2} ms; {bytes} B moved",
-        median(pull)
+        median(f.pull)
     );
     println!(
-        "  manifest + config + reference, sequential: {:.2} ms",
-        median(registry)
+        "  registry: manifest {:.2} ms, then config + reference layer at once {:.2} ms",
+        median(f.manifest),
+        median(f.blobs)
     );
     println!(
-        "  apply_diff of the reference layer: {:.2} ms",
-        median(apply)
+        "  apply_diff of the reference layer: {:.2} ms, of which the layer record ({} durable writes) {:.2} ms",
+        median(f.apply),
+        f.record_writes,
+        median(f.record)
+    );
+    println!(
+        "  holds on the data and Merkle tree snapshots: batched {:.2} ms, one by one {:.2} ms",
+        median(f.holds_batched),
+        median(f.holds_one_by_one)
+    );
+    println!(
+        "  unit costs: one durable document (2 fsyncs) {:.2} ms, one fsync {:.2} ms",
+        median(f.doc_write),
+        median(f.fsync)
     );
     println!("  first pull of a new client: {first:.2} ms");
 }

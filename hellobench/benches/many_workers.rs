@@ -1,33 +1,51 @@
 //! Many workers deploying one freshly pushed image at once, on Ceph RBD and on NFS
 //! (issue 15).
 //!
-//! N = 1, 2, 4, 8 worker processes, each in a network namespace of its own behind one
-//! shared emulated link (a bridge whose egress towards the workers is shaped with
-//! `tbf`, the recipe of COMPONENTS.md section 5), each with its own backend client and
-//! its own block cache, deploy the same image at the same instant (all connect first,
-//! then all start). A deploy is what a
-//! slacker worker does before the container's first instruction: clone the image's
-//! snapshot into a volume of its own, open it lazily (`LazyVolume`) and read the blocks
-//! the container reads at startup (a fixed trace, the same for every worker). The
+//! N = 1, 2, 4, 8 worker processes, each in a network namespace of its own on one bridge
+//! with the storage server, each with its own backend client and its own block cache,
+//! deploy the same image at the same instant (all connect first, then all start).
+//!
+//! Two topologies (`--link`), both measured in one run by default:
+//! - `shared`: ONE emulated link for all workers: the bridge's egress towards every
+//!   worker is one `tbf` queue (the recipe of COMPONENTS.md section 5), so N workers
+//!   share one 1 Gbit/s.
+//! - `per-worker`: every worker host has a link of its own (its own NIC): the egress of
+//!   each worker's bridge port is shaped with its own `tbf`; all reach one storage server.
+//!
+//! Either way every backend call also waits `--latency-us` (default 200 µs) in the
+//! worker ([`Throttled`] with latency only): the kernel here has no `netem`. Together:
+//! the project's emulated 1 Gbit/s / 200 µs link.
+//!
+//! A deploy is what a slacker worker does before the container's first instruction, as
+//! `slacker_oci::deploy` does it for an image with a startup trace (HelloBench's
+//! `slacker-lazy-trace`): clone the image's snapshot into a volume of its own, open it
+//! lazily (`LazyVolume`) with blind read-ahead off, prefetch the trace's blocks in the
+//! background (bounded parallelism, the library's default), and read the blocks the
+//! container reads at startup (the trace, in the container's order, the same for every
+//! worker). `--no-trace` deploys as without a trace (read-ahead on, no prefetch). The
 //! container itself (FUSE, loop, ext4, the process) is left out: it costs the same on
 //! both stores and does not touch storage beyond the trace.
 //!
-//! Reported per N: deploy p50 and p99 over all workers and repetitions, bytes each
-//! worker read from storage, and the storage server's CPU time during the deploys (the
-//! `ceph-osd` process; the knfsd VM's `qemu` process). Every repetition pushes a fresh
-//! image first (a new volume written and snapshotted), so no worker finds it warm.
+//! Reported per topology and N: deploy p50 and p99 over all workers and repetitions,
+//! where a deploy's time goes (clone, open, reads; the worker's own CPU), bytes each
+//! worker read from storage, and the storage server's CPU time during the deploys
+//! (`ceph-osd` and `ceph-mon`; the knfsd VM's `qemu` process). Every repetition pushes a
+//! fresh image first (a new volume written and snapshotted), so no worker finds it warm.
 //!
 //! ```text
-//! sudo -E cargo bench --profile dev -p slacker-hellobench --bench many_workers -- \
+//! sudo -E cargo bench -p slacker-hellobench --bench many_workers -- \
 //!     [--backends rbd,nfs] [--workers 1,2,4,8] [--reps 3] [--image-mib 128] \
-//!     [--startup-mib 4] [--rate 1gbit] [--keep-cluster]
+//!     [--startup-mib 4] [--rate 1gbit] [--latency-us 200] [--link shared,per-worker] \
+//!     [--no-trace] [--ceph-debug-logs] [--keep-cluster]
 //! ```
 //!
 //! Needs root (namespaces, veth, tc). RBD: a throw-away cluster of
 //! `slacker-backend-rbd/cluster/start.sh` listening on the bridge (`/tmp/slacker-mw-ceph`,
-//! monitor port 3610; purged at the end unless `--keep-cluster`). NFS:
+//! monitor port 3610; purged at the end unless `--keep-cluster`), with Ceph's debug logging
+//! off (as for any Ceph benchmark; `--ceph-debug-logs` keeps the defaults). NFS:
 //! `SLACKER_NFS_ADDR=host:port` (the knfsd VM), reached from the namespaces through a
-//! TCP relay on the bridge address; the VM's qemu process is found by its `-name nfsvm`.
+//! TCP relay on the bridge address; the VM's qemu process is `$NFSVM_RUN/qemu.pid` when
+//! `NFSVM_RUN` is set (a private VM), else the first process with `-name nfsvm`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -39,8 +57,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use slacker_backend_nfs::NfsBuilder;
 use slacker_backend_rbd::{RbdBuilder, RbdConfig};
-use slacker_core::worker::{BlockCache, Counting, LazyVolume, LazyVolumeOptions};
-use slacker_core::{Backend, SnapshotId, VolumeId, VolumeOptions};
+use slacker_core::worker::{
+    BlockCache, Counting, LazyVolume, LazyVolumeOptions, LinkProfile, Throttled,
+};
+use slacker_core::{Backend, BlockRange, SnapshotId, VolumeId, VolumeOptions};
 
 const BRIDGE: &str = "slkmwbr";
 const BRIDGE_IP: &str = "10.231.15.1";
@@ -77,8 +97,52 @@ fn net_down(n: usize) {
     let _ = run("ip", &["link", "del", BRIDGE]);
 }
 
-/// The bridge (server side, shaped towards the workers) and `n` worker namespaces.
-fn net_up(n: usize, rate: &str) -> Res<()> {
+fn worker_port(i: usize) -> String {
+    format!("slkmw{i}b")
+}
+
+/// Where the emulated link's bandwidth limit sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+enum Link {
+    /// One queue for all workers: the bridge's own egress (everything the servers send
+    /// to any worker leaves through it).
+    Shared,
+    /// A queue per worker: the egress of each worker's bridge port (its own NIC).
+    PerWorker,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Link::Shared => "shared",
+            Link::PerWorker => "per-worker",
+        }
+    }
+}
+
+/// Puts the `tbf` limit(s) of `link` in place for `n` workers (and removes the other's).
+fn shape(link: Link, n: usize, rate: &str) -> Res<()> {
+    let tbf = |dev: &str| {
+        run(
+            "tc",
+            &[
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "1mb",
+                "latency", "50ms",
+            ],
+        )
+    };
+    let _ = run("tc", &["qdisc", "del", "dev", BRIDGE, "root"]);
+    for i in 0..n {
+        let _ = run("tc", &["qdisc", "del", "dev", &worker_port(i), "root"]);
+    }
+    match link {
+        Link::Shared => tbf(BRIDGE).map(drop),
+        Link::PerWorker => (0..n).try_for_each(|i| tbf(&worker_port(i)).map(drop)),
+    }
+}
+
+/// The bridge (the servers' side) and `n` worker namespaces, unshaped ([`shape`]).
+fn net_up(n: usize) -> Res<()> {
     net_down(n);
     run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
     run(
@@ -86,17 +150,9 @@ fn net_up(n: usize, rate: &str) -> Res<()> {
         &["addr", "add", &format!("{BRIDGE_IP}/24"), "dev", BRIDGE],
     )?;
     run("ip", &["link", "set", BRIDGE, "up"])?;
-    // Everything the servers send to any worker leaves through this one queue.
-    run(
-        "tc",
-        &[
-            "qdisc", "add", "dev", BRIDGE, "root", "tbf", "rate", rate, "burst", "1mb", "latency",
-            "50ms",
-        ],
-    )?;
     for i in 0..n {
         let ns = netns(i);
-        let (inner, outer) = (format!("slkmw{i}a"), format!("slkmw{i}b"));
+        let (inner, outer) = (format!("slkmw{i}a"), worker_port(i));
         run("ip", &["netns", "add", &ns])?;
         run(
             "ip",
@@ -116,6 +172,7 @@ fn net_up(n: usize, rate: &str) -> Res<()> {
 
 /// CPU time (user + system) of a process, in milliseconds.
 fn cpu_ms(pid: u32) -> Res<u64> {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
     let rest = stat
         .rsplit_once(')')
@@ -125,10 +182,12 @@ fn cpu_ms(pid: u32) -> Res<u64> {
         .collect::<Vec<_>>();
     // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
     let ticks: u64 = rest[11].parse::<u64>().unwrap_or(0) + rest[12].parse::<u64>().unwrap_or(0);
-    let hz = run("getconf", &["CLK_TCK"])?
-        .trim()
-        .parse::<u64>()
-        .unwrap_or(100);
+    let hz = *HZ.get_or_init(|| {
+        run("getconf", &["CLK_TCK"])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    });
     Ok(ticks * 1000 / hz)
 }
 
@@ -187,6 +246,10 @@ struct Job {
     volume: String,
     trace: Vec<(u64, usize)>,
     start_at_ms: u64,
+    /// Per backend call, in the worker (the link's round trip).
+    latency_us: u64,
+    /// Deploy as `slacker_oci::deploy` with a trace: read-ahead off, trace prefetched.
+    use_trace: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -196,10 +259,17 @@ struct WorkerResult {
     read_requests: u64,
     /// From the spawn of the workers to this one's start (connects included).
     late_ms: u64,
+    /// Where the deploy's time went: the clone, opening the lazy volume, the reads.
+    clone_ms: f64,
+    open_ms: f64,
+    reads_ms: f64,
+    /// CPU (user + system) the worker process spent during its deploy.
+    cpu_ms: u64,
 }
 
 async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
-    let b = Arc::new(Counting::new(b));
+    let link = LinkProfile::latency_only(Duration::from_micros(job.latency_us));
+    let b = Arc::new(Counting::new(Throttled::new(b, link)));
     let snap: SnapshotId = job
         .snapshot
         .parse()
@@ -216,30 +286,51 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let late_ms = now_ms().saturating_sub(job.start_at_ms);
+    let me = std::process::id();
+    let cpu0 = cpu_ms(me)?;
     b.reset();
     let t = Instant::now();
     b.clone_snapshot(&snap, &vol)
         .await
         .map_err(|e| e.to_string())?;
+    let clone_ms = t.elapsed().as_secs_f64() * 1000.0;
     let dynb: Arc<dyn Backend> = b.clone();
-    let lazy = LazyVolume::open(
-        dynb,
-        vol,
-        Arc::new(BlockCache::new(256 << 20)),
-        LazyVolumeOptions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    // What `slacker_oci::deploy` does for an image with a trace: blind read-ahead off,
+    // the trace's blocks prefetched in the background (default parallelism).
+    let mut opts = LazyVolumeOptions::default();
+    if job.use_trace {
+        opts = opts.with_read_ahead(0).with_max_read_ahead(0);
+    }
+    let lazy = LazyVolume::open(dynb, vol, Arc::new(BlockCache::new(256 << 20)), opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let open_ms = t.elapsed().as_secs_f64() * 1000.0 - clone_ms;
+    let prefetch = job.use_trace.then(|| {
+        let bs = lazy.block_size().bytes();
+        lazy.prefetch(job.trace.iter().map(|&(off, len)| {
+            BlockRange::new((off / bs) as u32, (off + len as u64).div_ceil(bs) as u32)
+        }))
+    });
     for &(off, len) in &job.trace {
         lazy.read_at(off, len).await.map_err(|e| e.to_string())?;
     }
     let deploy_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if let Some(p) = prefetch {
+        p.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    let cpu_ms = cpu_ms(me)?.saturating_sub(cpu0);
     let c = b.counts();
     Ok(WorkerResult {
         deploy_ms,
         bytes_read: c.bytes_read(),
         read_requests: c.read_requests(),
         late_ms,
+        clone_ms,
+        open_ms,
+        reads_ms: deploy_ms - clone_ms - open_ms,
+        cpu_ms,
     })
 }
 
@@ -302,6 +393,10 @@ struct Args {
     image_mib: u64,
     startup_mib: u64,
     rate: String,
+    latency_us: u64,
+    links: Vec<Link>,
+    use_trace: bool,
+    ceph_quiet: bool,
     keep_cluster: bool,
 }
 
@@ -313,6 +408,10 @@ fn parse_args() -> Res<Args> {
         image_mib: 128,
         startup_mib: 4,
         rate: "1gbit".into(),
+        latency_us: 200,
+        links: vec![Link::Shared, Link::PerWorker],
+        use_trace: true,
+        ceph_quiet: true,
         keep_cluster: false,
     };
     let mut it = std::env::args().skip(1);
@@ -330,6 +429,19 @@ fn parse_args() -> Res<Args> {
             "--image-mib" => a.image_mib = val()?.parse().map_err(|_| "bad --image-mib")?,
             "--startup-mib" => a.startup_mib = val()?.parse().map_err(|_| "bad --startup-mib")?,
             "--rate" => a.rate = val()?,
+            "--latency-us" => a.latency_us = val()?.parse().map_err(|_| "bad --latency-us")?,
+            "--link" => {
+                a.links = val()?
+                    .split(',')
+                    .map(|l| match l {
+                        "shared" => Ok(Link::Shared),
+                        "per-worker" => Ok(Link::PerWorker),
+                        _ => Err(format!("bad --link {l} (shared, per-worker)")),
+                    })
+                    .collect::<Res<_>>()?
+            }
+            "--no-trace" => a.use_trace = false,
+            "--ceph-debug-logs" => a.ceph_quiet = false,
             "--keep-cluster" => a.keep_cluster = true,
             // cargo bench passes --bench
             "--bench" => {}
@@ -339,7 +451,9 @@ fn parse_args() -> Res<Args> {
     Ok(a)
 }
 
-fn rbd_cluster() -> Res<(RbdConfig, u32)> {
+/// The cluster's config and its storage server processes (OSD, monitor, manager).
+/// `quiet`: Ceph's debug logging off, daemons and clients.
+fn rbd_cluster(quiet: bool) -> Res<(RbdConfig, Vec<(String, u32)>)> {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../slacker-backend-rbd/cluster/start.sh");
     let out = Command::new("bash")
@@ -364,12 +478,63 @@ fn rbd_cluster() -> Res<(RbdConfig, u32)> {
     let mut c = RbdConfig::new(get("SLACKER_RBD_MON").ok_or("no monitors printed")?);
     c.keyring = get("SLACKER_RBD_KEYRING").filter(|k| !k.is_empty());
     c.namespace = Some(format!("mw-{}", std::process::id()));
-    let pid = std::fs::read_to_string(format!("{RBD_DIR}/run/osd.pid"))
-        .map_err(|e| e.to_string())?
-        .trim()
-        .parse()
-        .map_err(|_| "bad osd pid")?;
-    Ok((c, pid))
+    if quiet {
+        // Debug logging off (Ceph gathers levels up to 5 in memory by default: CPU on
+        // every op), in the monitor's config database: daemons apply it at once and
+        // every client gets it when it connects.
+        let conf = format!("{RBD_DIR}/quiet.conf");
+        let mut text = String::from("[global]\n");
+        for sub in [
+            "ms",
+            "osd",
+            "bluestore",
+            "bluefs",
+            "bdev",
+            "rocksdb",
+            "objecter",
+            "rados",
+            "rbd",
+            "auth",
+            "monc",
+            "mon",
+            "paxos",
+            "finisher",
+            "journaler",
+            "objectcacher",
+            "client",
+            "optracker",
+            "asok",
+            "throttle",
+            "refs",
+            "crush",
+            "mgrc",
+            "perfcounter",
+        ] {
+            text.push_str(&format!("debug_{sub} = 0/0\n"));
+        }
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+        run(
+            "ceph",
+            &[
+                "-c",
+                &format!("{RBD_DIR}/ceph.conf"),
+                "config",
+                "assimilate-conf",
+                "-i",
+                &conf,
+            ],
+        )?;
+    }
+    let mut pids = Vec::new();
+    for d in ["osd", "mon", "mgr"] {
+        let pid = std::fs::read_to_string(format!("{RBD_DIR}/run/{d}.pid"))
+            .map_err(|e| e.to_string())?
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad {d} pid"))?;
+        pids.push((format!("ceph-{d}"), pid));
+    }
+    Ok((c, pids))
 }
 
 /// Pushes a fresh image: a volume of `mib` MiB of data, snapshotted.
@@ -396,37 +561,51 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 #[derive(Serialize)]
 struct Row {
     backend: String,
+    link: &'static str,
     workers: usize,
     deploys: usize,
     p50_ms: f64,
     p99_ms: f64,
+    clone_ms_mean: f64,
+    open_ms_mean: f64,
+    reads_ms_mean: f64,
+    worker_cpu_ms_mean: f64,
     bytes_per_worker_mean: u64,
     bytes_per_worker_max: u64,
-    server_cpu_ms_per_round: f64,
+    requests_per_worker_mean: u64,
+    /// Per server process: CPU ms per round.
+    server_cpu_ms_per_round: Vec<(String, f64)>,
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    sum / n.max(1) as f64
 }
 
 async fn measure(
     args: &Args,
+    link: Link,
     kind: &str,
-    admin: Arc<dyn Backend>,
-    job_base: Job,
-    server_pid: u32,
+    admin: &dyn Backend,
+    job_base: &Job,
+    server: &[(String, u32)],
 ) -> Res<Vec<Row>> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let size = args.image_mib << 20;
     let trace = startup_trace(size, args.startup_mib << 20);
     let mut rows = Vec::new();
+    let lname = link.name();
     for &n in &args.workers {
-        let (mut times, mut bytes, mut cpu) = (Vec::new(), Vec::new(), 0u64);
+        let (mut results, mut cpu) = (Vec::new(), vec![0u64; server.len()]);
         for rep in 0..args.reps {
-            let img = format!("img-{n}-{rep}");
-            let snap = push(admin.as_ref(), &img, args.image_mib).await?;
+            let img = format!("img-{lname}-{n}-{rep}");
+            let snap = push(admin, &img, args.image_mib).await?;
             let start_at = now_ms();
             let mut children = Vec::new();
             for i in 0..n {
                 let mut job = job_base.clone();
                 job.snapshot = snap.to_string();
-                job.volume = format!("w-{n}-{rep}-{i}");
+                job.volume = format!("w-{lname}-{n}-{rep}-{i}");
                 job.trace = trace.clone();
                 job.start_at_ms = start_at;
                 let json = serde_json::to_string(&job).map_err(|e| e.to_string())?;
@@ -452,12 +631,14 @@ async fn measure(
                 outs.push(lines);
             }
             let connected_ms = now_ms() - start_at;
-            let cpu0 = cpu_ms(server_pid)?;
+            let cpu0 = server
+                .iter()
+                .map(|(_, p)| cpu_ms(*p))
+                .collect::<Res<Vec<_>>>()?;
             for c in &mut children {
                 let mut stdin = c.stdin.take().unwrap();
                 stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
             }
-            eprintln!("{kind} N={n} rep {rep}: all connected after {connected_ms} ms");
             for (mut c, mut lines) in children.into_iter().zip(outs) {
                 let out = lines
                     .by_ref()
@@ -467,45 +648,100 @@ async fn measure(
                 let r: WorkerResult =
                     serde_json::from_str(&out.ok_or(format!("{kind} worker failed ({status})"))?)
                         .map_err(|e| e.to_string())?;
-                times.push(r.deploy_ms);
-                bytes.push(r.bytes_read);
+                results.push(r);
             }
-            cpu += cpu_ms(server_pid)?.saturating_sub(cpu0);
-            eprintln!("{kind} N={n} rep {rep}: done");
+            for (k, (_, p)) in server.iter().enumerate() {
+                cpu[k] += cpu_ms(*p)?.saturating_sub(cpu0[k]);
+            }
+            let last: Vec<String> = results[results.len() - n..]
+                .iter()
+                .map(|r| format!("{:.0}", r.deploy_ms))
+                .collect();
+            eprintln!(
+                "{kind} {lname} N={n} rep {rep}: connected after {connected_ms} ms, deploys {} ms",
+                last.join(" ")
+            );
         }
+        let mut times: Vec<f64> = results.iter().map(|r| r.deploy_ms).collect();
         times.sort_by(f64::total_cmp);
+        let bytes: Vec<u64> = results.iter().map(|r| r.bytes_read).collect();
         rows.push(Row {
             backend: kind.to_owned(),
+            link: lname,
             workers: n,
             deploys: times.len(),
             p50_ms: pct(&times, 50.0),
             p99_ms: pct(&times, 99.0),
+            clone_ms_mean: mean(results.iter().map(|r| r.clone_ms)),
+            open_ms_mean: mean(results.iter().map(|r| r.open_ms)),
+            reads_ms_mean: mean(results.iter().map(|r| r.reads_ms)),
+            worker_cpu_ms_mean: mean(results.iter().map(|r| r.cpu_ms as f64)),
             bytes_per_worker_mean: bytes.iter().sum::<u64>() / bytes.len().max(1) as u64,
             bytes_per_worker_max: bytes.iter().copied().max().unwrap_or(0),
-            server_cpu_ms_per_round: cpu as f64 / args.reps as f64,
+            requests_per_worker_mean: results.iter().map(|r| r.read_requests).sum::<u64>()
+                / results.len().max(1) as u64,
+            server_cpu_ms_per_round: server
+                .iter()
+                .zip(&cpu)
+                .map(|((name, _), c)| (name.clone(), *c as f64 / args.reps as f64))
+                .collect(),
         });
     }
-    // Leave nothing behind in the store.
+    Ok(rows)
+}
+
+/// Removes every volume and snapshot the runs left in the store.
+async fn clean(admin: &dyn Backend) -> Res<()> {
     for v in admin.list_volumes().await.map_err(|e| e.to_string())? {
         let _ = admin.remove_volume(&v).await;
     }
     for s in admin.list_snapshots().await.map_err(|e| e.to_string())? {
         let _ = admin.remove_snapshot(&s).await;
     }
+    Ok(())
+}
+
+/// Measures every topology of `args.links` on one backend.
+async fn measure_links(
+    args: &Args,
+    nmax: usize,
+    kind: &str,
+    admin: &dyn Backend,
+    job: &Job,
+    server: &[(String, u32)],
+) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &link in &args.links {
+        shape(link, nmax, &args.rate)?;
+        rows.extend(measure(args, link, kind, admin, job, server).await?);
+    }
+    clean(admin).await?;
     Ok(rows)
 }
 
 async fn coordinator(args: Args) -> Res<()> {
     let nmax = args.workers.iter().copied().max().unwrap_or(1);
-    net_up(nmax, &args.rate)?;
+    net_up(nmax)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load average at start: {}", load.trim());
     let mut rows = Vec::new();
+    let job = Job {
+        kind: String::new(),
+        rbd: None,
+        nfs_addr: None,
+        nfs_dir: None,
+        snapshot: String::new(),
+        volume: String::new(),
+        trace: Vec::new(),
+        start_at_ms: 0,
+        latency_us: args.latency_us,
+        use_trace: args.use_trace,
+    };
     let result = async {
         for kind in &args.backends {
             match kind.as_str() {
                 "rbd" => {
-                    let (cfg, osd) = rbd_cluster()?;
+                    let (cfg, server) = rbd_cluster(args.ceph_quiet)?;
                     let admin = RbdBuilder::from_config(cfg.clone())
                         .build()
                         .await
@@ -513,20 +749,20 @@ async fn coordinator(args: Args) -> Res<()> {
                     let job = Job {
                         kind: "rbd".into(),
                         rbd: Some(cfg),
-                        nfs_addr: None,
-                        nfs_dir: None,
-                        snapshot: String::new(),
-                        volume: String::new(),
-                        trace: Vec::new(),
-                        start_at_ms: 0,
+                        ..job.clone()
                     };
-                    rows.extend(measure(&args, "rbd", Arc::new(admin), job, osd).await?);
+                    rows.extend(measure_links(&args, nmax, "rbd", &admin, &job, &server).await?);
                 }
                 "nfs" => {
                     let addr = std::env::var("SLACKER_NFS_ADDR")
                         .map_err(|_| "nfs needs SLACKER_NFS_ADDR=host:port (the knfsd VM)")?;
-                    let qemu = find_pid(&["qemu-system", "-name nfsvm"])
-                        .ok_or("no qemu process with -name nfsvm (the knfsd VM)")?;
+                    let qemu = match std::env::var("NFSVM_RUN") {
+                        Ok(run) => std::fs::read_to_string(format!("{run}/qemu.pid"))
+                            .ok()
+                            .and_then(|p| p.trim().parse().ok()),
+                        Err(_) => find_pid(&["qemu-system", "-name nfsvm"]),
+                    }
+                    .ok_or("no qemu process of the knfsd VM (NFSVM_RUN/qemu.pid, -name nfsvm)")?;
                     let listen = format!("{BRIDGE_IP}:{RELAY_PORT}");
                     relay(&listen, addr.clone())?;
                     let dir = format!("manyworkers-{}", std::process::id());
@@ -538,15 +774,12 @@ async fn coordinator(args: Args) -> Res<()> {
                         .map_err(|e| e.to_string())?;
                     let job = Job {
                         kind: "nfs".into(),
-                        rbd: None,
                         nfs_addr: Some(listen),
                         nfs_dir: Some(dir),
-                        snapshot: String::new(),
-                        volume: String::new(),
-                        trace: Vec::new(),
-                        start_at_ms: 0,
+                        ..job.clone()
                     };
-                    rows.extend(measure(&args, "nfs", Arc::new(admin), job, qemu).await?);
+                    let server = [("qemu".to_owned(), qemu)];
+                    rows.extend(measure_links(&args, nmax, "nfs", &admin, &job, &server).await?);
                 }
                 k => return Err(format!("unknown backend {k}")),
             }
@@ -567,33 +800,52 @@ async fn coordinator(args: Args) -> Res<()> {
     result?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "many workers: image {} MiB, startup reads {} MiB, link {} (tbf), {} reps; load at end {}",
+        "many workers: image {} MiB, startup reads {} MiB, link {} (tbf) + {} us per call, \
+         deploy {}, ceph debug logs {}, {} reps; load at end {}",
         args.image_mib,
         args.startup_mib,
         args.rate,
+        args.latency_us,
+        if args.use_trace {
+            "with trace (read-ahead off, prefetch)"
+        } else {
+            "without trace (read-ahead on)"
+        },
+        if args.ceph_quiet { "off" } else { "default" },
         args.reps,
         load.trim()
     );
     println!(
-        "| backend | N | deploys | p50 ms | p99 ms | p99 / p50(N=1) | read per worker (mean / max) | server CPU ms per round |"
+        "| backend | link | N | deploys | p50 ms | p99 ms | p99 / p50(N=1) | clone / open / reads ms (mean) | worker CPU ms | read per worker (mean / max) | requests | server CPU ms per round |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let base = rows
             .iter()
-            .find(|b| b.backend == r.backend && b.workers == 1)
+            .find(|b| b.backend == r.backend && b.link == r.link && b.workers == 1)
             .map_or(f64::NAN, |b| b.p50_ms);
+        let server: Vec<String> = r
+            .server_cpu_ms_per_round
+            .iter()
+            .map(|(n, c)| format!("{n} {c:.0}"))
+            .collect();
         println!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} / {:.2} MB | {:.0} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} / {:.0} | {:.0} | {:.2} / {:.2} MB | {} | {} |",
             r.backend,
+            r.link,
             r.workers,
             r.deploys,
             r.p50_ms,
             r.p99_ms,
             r.p99_ms / base,
+            r.clone_ms_mean,
+            r.open_ms_mean,
+            r.reads_ms_mean,
+            r.worker_cpu_ms_mean,
             r.bytes_per_worker_mean as f64 / 1e6,
             r.bytes_per_worker_max as f64 / 1e6,
-            r.server_cpu_ms_per_round
+            r.requests_per_worker_mean,
+            server.join(" + ")
         );
     }
     println!(

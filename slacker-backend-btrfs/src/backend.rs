@@ -713,6 +713,44 @@ impl Inner {
         Ok(())
     }
 
+    /// Holds several snapshots for `holder` with one metadata write: every changed
+    /// document is written and synced, renamed, then the directory is synced once
+    /// ([`MetaStore::write_many`]). Each document is replaced atomically; a crash in
+    /// between leaves some holds placed (the caller's recovery releases them).
+    fn hold_many(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
+        let cat = self.write_catalog();
+        let mut changed: Vec<(String, Vec<u8>, &Arc<Snap>, SnapshotDoc)> = Vec::new();
+        for sid in ids {
+            let key = snap_key(sid)?;
+            let snap = cat
+                .snapshots
+                .get(key)
+                .ok_or_else(|| Error::not_found(ObjectKind::Snapshot, sid))?;
+            let name = meta::snapshot_doc(key);
+            if changed.iter().any(|(n, ..)| *n == name) {
+                continue;
+            }
+            // Only this function and `change_holds` change a document, both under the
+            // catalog's write lock: the copy stays current until it is published below.
+            let mut next = lock(&snap.doc).clone();
+            if next.holds.insert(holder.to_owned()) {
+                let bytes = meta::encode(&next);
+                changed.push((name, bytes, snap, next));
+            }
+        }
+        let docs: Vec<(&str, &[u8])> = changed
+            .iter()
+            .map(|(n, b, ..)| (n.as_str(), b.as_slice()))
+            .collect();
+        self.store
+            .write_many(&docs)
+            .map_err(io_err("writing metadata", self.store.dir()))?;
+        for (_, _, snap, next) in changed {
+            *lock(&snap.doc) = next;
+        }
+        Ok(())
+    }
+
     fn dedup(&self) -> Result<DedupReport> {
         let cat = self.write_catalog();
         let vols: Vec<&Arc<Vol>> = cat.volumes.values().filter(|v| v.file.is_ok()).collect();
@@ -1118,6 +1156,15 @@ impl Backend for BtrfsBackend {
         snap_key(id)?;
         let (id, holder) = (id.clone(), holder.to_owned());
         self.run(move |i| i.change_holds(&id, &holder, true)).await
+    }
+
+    async fn hold_snapshots(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
+        validate_holder(holder)?;
+        for id in ids {
+            snap_key(id)?;
+        }
+        let (ids, holder) = (ids.to_vec(), holder.to_owned());
+        self.run(move |i| i.hold_many(&ids, &holder)).await
     }
 
     async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {

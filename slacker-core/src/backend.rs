@@ -352,6 +352,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `NotFound` for an unknown snapshot or a holder that holds nothing.
     async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()>;
 
+    /// Holds every snapshot of `ids` for `holder`: by default
+    /// [`hold_snapshot`](Self::hold_snapshot) on each in turn. A backend that can make
+    /// several holds durable with fewer syncs overrides it (a lazy layer holds its data
+    /// snapshot and its Merkle tree snapshot at once). Each hold is all-or-nothing, the
+    /// batch is not: after an error or a crash some of the holds may be in place, so a
+    /// caller that needs all or none releases them again (as after a failed
+    /// `hold_snapshot`).
+    ///
+    /// # Errors
+    /// As [`hold_snapshot`](Self::hold_snapshot), for the first snapshot that fails.
+    async fn hold_snapshots(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
+        for id in ids {
+            self.hold_snapshot(id, holder).await?;
+        }
+        Ok(())
+    }
+
     /// The local file holding the volume, for a runtime to loop-mount directly.
     ///
     /// # Errors
@@ -484,6 +501,9 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
         (**self).release_snapshot(id, holder).await
+    }
+    async fn hold_snapshots(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
+        (**self).hold_snapshots(ids, holder).await
     }
     async fn local_path(&self, id: &VolumeId) -> Result<PathBuf> {
         (**self).local_path(id).await

@@ -6,129 +6,20 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use common::open_store;
 use slacker_backend_mem::MemBackend;
 use slacker_core::merkle::{self, MerkleVerifier, TreeLayout};
 use slacker_core::worker::{BlockCache, LazyVolume, LazyVolumeOptions};
 use slacker_core::{
-    Backend, BackendExt, BackendInfo, BlockSize, DedupReport, ErrorKind, Result, SnapshotId,
-    SnapshotStat, VolumeId, VolumeOptions, VolumeStat,
+    Backend, BackendExt, BlockSize, ErrorKind, SnapshotId, VolumeId, VolumeOptions,
 };
+use slacker_testkit::checks::noise;
+use slacker_testkit::wire::Wire;
 
 fn vid(s: &str) -> VolumeId {
     VolumeId::new(s).unwrap()
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// A backend whose wire flips one bit of every read of `target` covering byte `at`, and
-/// counts the bytes read from snapshots.
-#[derive(Debug)]
-struct Wire<B> {
-    inner: B,
-    target: Mutex<Option<(SnapshotId, u64)>>,
-    snapshot_bytes: AtomicU64,
-}
-
-impl<B> Wire<B> {
-    fn new(inner: B) -> Self {
-        Self {
-            inner,
-            target: Mutex::new(None),
-            snapshot_bytes: AtomicU64::new(0),
-        }
-    }
-    fn tamper(&self, s: &SnapshotId, at: u64) {
-        *self.target.lock().unwrap() = Some((s.clone(), at));
-    }
-    fn heal(&self) {
-        *self.target.lock().unwrap() = None;
-    }
-}
-
-#[async_trait]
-impl<B: Backend> Backend for Wire<B> {
-    fn info(&self) -> BackendInfo {
-        self.inner.info()
-    }
-    async fn create_volume(&self, id: &VolumeId, o: &VolumeOptions) -> Result<()> {
-        self.inner.create_volume(id, o).await
-    }
-    async fn read_at(&self, id: &VolumeId, offset: u64, len: usize) -> Result<Bytes> {
-        self.inner.read_at(id, offset, len).await
-    }
-    async fn write_at(&self, id: &VolumeId, offset: u64, data: &[u8]) -> Result<()> {
-        self.inner.write_at(id, offset, data).await
-    }
-    async fn flush(&self, id: &VolumeId) -> Result<()> {
-        self.inner.flush(id).await
-    }
-    async fn snapshot(&self, id: &VolumeId) -> Result<SnapshotId> {
-        self.inner.snapshot(id).await
-    }
-    async fn clone_snapshot(&self, s: &SnapshotId, new: &VolumeId) -> Result<()> {
-        self.inner.clone_snapshot(s, new).await
-    }
-    async fn read_snapshot_at(&self, id: &SnapshotId, offset: u64, len: usize) -> Result<Bytes> {
-        let data = self.inner.read_snapshot_at(id, offset, len).await?;
-        self.snapshot_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let target = self.target.lock().unwrap().clone();
-        match target {
-            Some((s, at)) if &s == id && (offset..offset + len as u64).contains(&at) => {
-                let mut v = data.to_vec();
-                v[(at - offset) as usize] ^= 0x01;
-                Ok(Bytes::from(v))
-            }
-            _ => Ok(data),
-        }
-    }
-    async fn stat_volume(&self, id: &VolumeId) -> Result<VolumeStat> {
-        self.inner.stat_volume(id).await
-    }
-    async fn stat_snapshot(&self, id: &SnapshotId) -> Result<SnapshotStat> {
-        self.inner.stat_snapshot(id).await
-    }
-    async fn remove_volume(&self, id: &VolumeId) -> Result<()> {
-        self.inner.remove_volume(id).await
-    }
-    async fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        self.inner.remove_snapshot(id).await
-    }
-    async fn list_volumes(&self) -> Result<Vec<VolumeId>> {
-        self.inner.list_volumes().await
-    }
-    async fn list_snapshots(&self) -> Result<Vec<SnapshotId>> {
-        self.inner.list_snapshots().await
-    }
-    async fn hold_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
-        self.inner.hold_snapshot(id, holder).await
-    }
-    async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
-        self.inner.release_snapshot(id, holder).await
-    }
-    async fn local_path(&self, id: &VolumeId) -> Result<PathBuf> {
-        self.inner.local_path(id).await
-    }
-    async fn dedup(&self) -> Result<DedupReport> {
-        self.inner.dedup().await
-    }
 }
 
 /// A volume of `blocks` blocks of `bs` with noise in some blocks (the rest zeros),
@@ -233,7 +124,7 @@ async fn incremental_trees_hash_only_the_diverged_blocks() {
     let snap = b.snapshot(&c).await.unwrap();
     let stat = b.stat_snapshot(&snap).await.unwrap();
     assert_eq!(stat.parent.as_ref(), Some(&base));
-    b.snapshot_bytes.store(0, Ordering::Relaxed);
+    let before = b.snapshot_bytes();
     let root = merkle::build(&*b, &stat, Some(&base_root), &vid("t"))
         .await
         .unwrap();
@@ -243,7 +134,7 @@ async fn incremental_trees_hash_only_the_diverged_blocks() {
     );
     // Read: the 4 diverged blocks, plus the base tree blocks on their paths (3 leaf tree
     // blocks and the top ones), never the whole image.
-    let read = b.snapshot_bytes.load(Ordering::Relaxed);
+    let read = b.snapshot_bytes() - before;
     assert!(read <= 4 * 4096 + 6 * 4096, "read {read} bytes");
     assert!(read >= 4 * 4096, "the diverged blocks were hashed");
 
@@ -265,7 +156,7 @@ async fn layer_store_push_carries_a_root_that_the_worker_verifies() {
     let wire = Arc::new(Wire::new(MemBackend::new()));
     let dir = tempfile::tempdir().unwrap();
     // Builder and worker share the (wire-wrapped) storage.
-    let mem = wire.inner.reopen();
+    let mem = wire.inner().reopen();
     let b_store = open_store(mem.reopen(), &dir.path().join("b"), "builder", None)
         .await
         .unwrap();

@@ -6,18 +6,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use slacker_backend_mem::MemBackend;
 use slacker_core::merkle::{self, MerkleVerifier};
 use slacker_core::worker::{BlockCache, LazyVolume, LazyVolumeOptions};
-use slacker_core::{
-    Backend, BackendInfo, BlockSize, DedupReport, Result, SnapshotId, SnapshotStat, VolumeId,
-    VolumeOptions, VolumeStat,
-};
+use slacker_core::{Backend, BlockSize, VolumeId, VolumeOptions};
 use slacker_fuse::{Mount, MountOptions};
+use slacker_testkit::checks::noise;
+use slacker_testkit::wire::Wire;
 
 const IMAGE_SIZE: u64 = 64 << 20;
 const FILE_SIZE: usize = 1 << 20;
@@ -52,18 +49,6 @@ fn ready() -> Option<()> {
     Some(())
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A busybox root with `/opt/secret.bin`, as a 64 MiB ext4 image.
 fn image(dir: &Path, secret: &[u8]) -> PathBuf {
     let tree = dir.join("tree");
@@ -90,87 +75,13 @@ fn image(dir: &Path, secret: &[u8]) -> PathBuf {
     img
 }
 
-/// A wire that flips one bit of every snapshot read covering byte `at` of `target`.
-#[derive(Debug)]
-struct Wire {
-    inner: MemBackend,
-    target: Mutex<Option<(SnapshotId, u64)>>,
-}
-
-#[async_trait]
-impl Backend for Wire {
-    fn info(&self) -> BackendInfo {
-        self.inner.info()
-    }
-    async fn create_volume(&self, id: &VolumeId, o: &VolumeOptions) -> Result<()> {
-        self.inner.create_volume(id, o).await
-    }
-    async fn read_at(&self, id: &VolumeId, offset: u64, len: usize) -> Result<Bytes> {
-        self.inner.read_at(id, offset, len).await
-    }
-    async fn write_at(&self, id: &VolumeId, offset: u64, data: &[u8]) -> Result<()> {
-        self.inner.write_at(id, offset, data).await
-    }
-    async fn flush(&self, id: &VolumeId) -> Result<()> {
-        self.inner.flush(id).await
-    }
-    async fn snapshot(&self, id: &VolumeId) -> Result<SnapshotId> {
-        self.inner.snapshot(id).await
-    }
-    async fn clone_snapshot(&self, s: &SnapshotId, new: &VolumeId) -> Result<()> {
-        self.inner.clone_snapshot(s, new).await
-    }
-    async fn read_snapshot_at(&self, id: &SnapshotId, offset: u64, len: usize) -> Result<Bytes> {
-        let data = self.inner.read_snapshot_at(id, offset, len).await?;
-        let target = self.target.lock().unwrap().clone();
-        match target {
-            Some((s, at)) if &s == id && (offset..offset + len as u64).contains(&at) => {
-                let mut v = data.to_vec();
-                v[(at - offset) as usize] ^= 0x01;
-                Ok(Bytes::from(v))
-            }
-            _ => Ok(data),
-        }
-    }
-    async fn stat_volume(&self, id: &VolumeId) -> Result<VolumeStat> {
-        self.inner.stat_volume(id).await
-    }
-    async fn stat_snapshot(&self, id: &SnapshotId) -> Result<SnapshotStat> {
-        self.inner.stat_snapshot(id).await
-    }
-    async fn remove_volume(&self, id: &VolumeId) -> Result<()> {
-        self.inner.remove_volume(id).await
-    }
-    async fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        self.inner.remove_snapshot(id).await
-    }
-    async fn list_volumes(&self) -> Result<Vec<VolumeId>> {
-        self.inner.list_volumes().await
-    }
-    async fn list_snapshots(&self) -> Result<Vec<SnapshotId>> {
-        self.inner.list_snapshots().await
-    }
-    async fn hold_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
-        self.inner.hold_snapshot(id, holder).await
-    }
-    async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
-        self.inner.release_snapshot(id, holder).await
-    }
-    async fn local_path(&self, id: &VolumeId) -> Result<PathBuf> {
-        self.inner.local_path(id).await
-    }
-    async fn dedup(&self) -> Result<DedupReport> {
-        self.inner.dedup().await
-    }
-}
-
 #[test]
 fn a_tampered_block_reaches_the_container_as_eio_and_is_never_cached() {
     if ready().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let secret = pattern(FILE_SIZE, 7);
+    let secret = noise(FILE_SIZE, 7);
     let img = image(dir.path(), &secret);
     let bytes = std::fs::read(&img).unwrap();
     // Where the file's second block landed in the image (ext4 stores data block-aligned).
@@ -185,10 +96,7 @@ fn a_tampered_block_reaches_the_container_as_eio_and_is_never_cached() {
         .enable_all()
         .build()
         .unwrap();
-    let wire = Arc::new(Wire {
-        inner: MemBackend::new(),
-        target: Mutex::new(None),
-    });
+    let wire = Arc::new(Wire::new(MemBackend::new()));
     let backend: Arc<dyn Backend> = wire.clone();
     let (snap, volume) = rt.block_on(async {
         let v = VolumeId::new("image").unwrap();
@@ -232,7 +140,7 @@ fn a_tampered_block_reaches_the_container_as_eio_and_is_never_cached() {
     )
     .unwrap();
     // The wire now lies about one byte of the file's second block.
-    *wire.target.lock().unwrap() = Some((snap, at + 100));
+    wire.tamper(&snap, at + 100);
     let out = m.run(&["/bin/cat", "/opt/secret.bin"]).unwrap();
     assert!(!out.status.success(), "cat succeeded on a tampered block");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -253,7 +161,7 @@ fn a_tampered_block_reaches_the_container_as_eio_and_is_never_cached() {
     // The wire is clean again: the same read fetches the block again and succeeds, so
     // nothing of the tampered fetch was kept (not in the worker's cache, not in the
     // kernel's page cache).
-    *wire.target.lock().unwrap() = None;
+    wire.heal();
     let out = m.run(&["/bin/cat", "/opt/secret.bin"]).unwrap();
     assert!(
         out.status.success(),

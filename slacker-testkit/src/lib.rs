@@ -29,6 +29,7 @@ pub mod faulty;
 pub mod model;
 #[cfg(feature = "tree")]
 pub mod tree;
+pub mod wire;
 
 /// A boxed future returned by the generated check wrappers.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

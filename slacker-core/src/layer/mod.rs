@@ -954,8 +954,9 @@ impl<B: Backend> LayerStore<B> {
                 });
                 self.write_record(&mut inner, &r).await?;
                 let step = async {
-                    self.backend.hold_snapshot(&new, &holder).await?;
-                    self.backend.hold_snapshot(&merkle.tree, &holder).await?;
+                    self.backend
+                        .hold_snapshots(&[new.clone(), merkle.tree.clone()], &holder)
+                        .await?;
                     if let Some(old) = &rec.snapshot {
                         ignore_not_found(self.backend.release_snapshot(old, &holder).await)?;
                     }
@@ -1079,13 +1080,13 @@ impl<B: Backend> LayerStore<B> {
             merkle: r.merkle.clone(),
         };
         self.write_record(&mut inner, &rec).await?;
-        if let Err(e) = self.backend.hold_snapshot(&r.snapshot, &self.key(id)).await {
+        // The data snapshot and the Merkle tree snapshot in one batch: one durable write
+        // where the backend can (btrfs: one directory sync for both documents).
+        let held: Vec<SnapshotId> = std::iter::once(r.snapshot.clone())
+            .chain(r.merkle.as_ref().map(|m| m.tree.clone()))
+            .collect();
+        if let Err(e) = self.backend.hold_snapshots(&held, &self.key(id)).await {
             return Err(self.abort(&mut inner, rec, e).await);
-        }
-        if let Some(m) = &r.merkle {
-            if let Err(e) = self.backend.hold_snapshot(&m.tree, &self.key(id)).await {
-                return Err(self.abort(&mut inner, rec, e).await);
-            }
         }
         // The holds are the commit point: the record stays `Pending::Create` on disk and
         // recovery rolls a lazy create whose holds are all in place forward (`recover`),
@@ -1302,10 +1303,7 @@ impl<B: Backend> LayerStore<B> {
         self.write_record(inner, rec).await?;
         let finish = async {
             self.backend
-                .hold_snapshot(&snap, &self.key(&rec.id))
-                .await?;
-            self.backend
-                .hold_snapshot(&merkle.tree, &self.key(&rec.id))
+                .hold_snapshots(&[snap.clone(), merkle.tree.clone()], &self.key(&rec.id))
                 .await?;
             self.backend.remove_volume(vol).await
         };
