@@ -798,6 +798,13 @@ impl BenchPath for SlackerPath {
                 m.read_ahead_blocks
             ));
         }
+        if let Some(f) = mount.fuse() {
+            let f = f.stats();
+            notes.push(format!(
+                "FUSE: {} reads, at most {} served at once (async direct IO: {})",
+                f.reads, f.peak_reads_in_flight, f.async_dio
+            ));
+        }
         let st = self.st(image);
         let used = st.used_bytes;
         st.mount = Some(mount);

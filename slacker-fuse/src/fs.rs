@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyWrite, Request, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 use slacker_core::ErrorKind;
 use slacker_core::worker::LazyVolume;
 use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
 
 /// The name of the one file the filesystem shows.
 pub const IMAGE_NAME: &str = "disk.img";
@@ -31,6 +32,21 @@ pub(crate) struct FsCounters {
     pub(crate) reads: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) fsyncs: AtomicU64,
+    /// Reads being served now, and the most seen at once.
+    pub(crate) reads_in_flight: AtomicU64,
+    pub(crate) peak_reads_in_flight: AtomicU64,
+    /// Whether the kernel agreed to send direct IO asynchronously (`FUSE_ASYNC_DIO`).
+    pub(crate) async_dio: std::sync::atomic::AtomicBool,
+}
+
+/// How the filesystem serves reads (from [`FuseOptions`](crate::FuseOptions)).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Serving {
+    /// Ask the kernel for `FUSE_ASYNC_DIO`.
+    pub(crate) async_dio: bool,
+    /// Reads served at once (each a task on the runtime); also the kernel's limit of
+    /// background requests (async direct IO is sent as background requests).
+    pub(crate) max_reads: usize,
 }
 
 /// The FUSE side of a [`FuseSession`](crate::FuseSession): `/disk.img`, whose bytes are
@@ -43,8 +59,14 @@ pub(crate) struct FsCounters {
 /// mounted from it above the loop device has its own), and every read reaches the lazy
 /// volume, where the fetched bytes are counted.
 ///
-/// fuser calls these methods on its own threads (blocking is allowed there); each one
-/// `block_on`s the async volume call on a tokio runtime the session owns.
+/// fuser calls these methods on its own threads (blocking is allowed there). A read is
+/// handed to a task on the tokio runtime the session owns, which replies when the volume
+/// returns, so the thread goes back to the kernel for the next request at once: reads
+/// the kernel sends together (the loop device's requests, with `FUSE_ASYNC_DIO`; several
+/// processes) become concurrent volume reads, at most [`Serving::max_reads`] at a time
+/// (the thread waits for a slot: back-pressure on the kernel). The volume coalesces and
+/// single-flights their misses. Writes, `flush` and `fsync` `block_on` the volume call
+/// on the thread, so a write is acknowledged only after the backend's `write_at`.
 pub(crate) struct DiskImageFs {
     volume: LazyVolume,
     runtime: Arc<Runtime>,
@@ -52,6 +74,27 @@ pub(crate) struct DiskImageFs {
     gid: u32,
     started: SystemTime,
     counters: Arc<FsCounters>,
+    serving: Serving,
+    read_slots: Arc<Semaphore>,
+}
+
+/// Ends one read's count in [`FsCounters::reads_in_flight`] when dropped.
+struct ReadInFlight(Arc<FsCounters>);
+
+impl ReadInFlight {
+    fn start(counters: &Arc<FsCounters>) -> Self {
+        let now = counters.reads_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        counters
+            .peak_reads_in_flight
+            .fetch_max(now, Ordering::Relaxed);
+        Self(Arc::clone(counters))
+    }
+}
+
+impl Drop for ReadInFlight {
+    fn drop(&mut self) {
+        self.0.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl DiskImageFs {
@@ -61,7 +104,12 @@ impl DiskImageFs {
         uid: u32,
         gid: u32,
         counters: Arc<FsCounters>,
+        serving: Serving,
     ) -> Self {
+        let serving = Serving {
+            max_reads: serving.max_reads.max(1),
+            ..serving
+        };
         Self {
             volume,
             runtime,
@@ -69,6 +117,8 @@ impl DiskImageFs {
             gid,
             started: SystemTime::now(),
             counters,
+            read_slots: Arc::new(Semaphore::new(serving.max_reads)),
+            serving,
         }
     }
 
@@ -121,6 +171,16 @@ impl fuser::Filesystem for DiskImageFs {
         if let Err(nearest) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(nearest);
         }
+        // The loop device (direct IO) submits its requests as async kiocbs. Without
+        // FUSE_ASYNC_DIO the kernel turns each into a synchronous FUSE read, and the loop
+        // worker waits for it before taking the next request: one demand miss at a time,
+        // whatever the number of serving threads. With it, the requests reach us together
+        // (as background requests, bounded by max_background).
+        if self.serving.async_dio && config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_ok() {
+            self.counters.async_dio.store(true, Ordering::Relaxed);
+        }
+        let background = u16::try_from(self.serving.max_reads).unwrap_or(u16::MAX);
+        let _ = config.set_max_background(background.max(1));
         Ok(())
     }
 
@@ -203,10 +263,22 @@ impl fuser::Filesystem for DiskImageFs {
             return;
         }
         let len = u64::from(size).min(end - offset) as usize;
-        match self.block_on(self.volume.read_at(offset, len)) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // Wait for a slot here (back-pressure), then serve on the runtime and go back to
+        // the kernel for the next request.
+        let Ok(slot) = self.block_on(Arc::clone(&self.read_slots).acquire_owned()) else {
+            reply.error(Errno::EIO);
+            return;
+        };
+        let in_flight = ReadInFlight::start(&self.counters);
+        let volume = self.volume.clone();
+        self.runtime.spawn(async move {
+            let result = volume.read_at(offset, len).await;
+            drop((slot, in_flight));
+            match result {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn write(

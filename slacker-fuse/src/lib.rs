@@ -9,7 +9,7 @@
 //!        │ blocks
 //!  /dev/loopN                       losetup -f --show --direct-io=on <fuse>/disk.img
 //!        │ reads/writes (up to 1 MiB)
-//!  FuseSession: <fuse>/disk.img     fuser, direct IO, block_on(LazyVolume::{read_at, write_at})
+//!  FuseSession: <fuse>/disk.img     fuser, async direct IO; reads as tasks, writes block_on
 //!        │
 //!  LazyVolume + shared BlockCache   slacker_core::worker
 //!        │

@@ -10,16 +10,26 @@ use fuser::{Config, MountOption};
 use serde::Serialize;
 use slacker_core::worker::LazyVolume;
 
-use crate::fs::{DiskImageFs, FsCounters, IMAGE_NAME};
+use crate::fs::{DiskImageFs, FsCounters, IMAGE_NAME, Serving};
 use crate::sys;
 
 /// How a [`FuseSession`] serves.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct FuseOptions {
-    /// fuser event-loop threads: FUSE requests served at once (each blocks its thread
-    /// while the volume fetches). Default 4.
+    /// fuser event-loop threads: they take requests from the kernel. A read is handed to
+    /// the runtime at once (see [`max_reads`](Self::max_reads)); a write, `flush` or
+    /// `fsync` blocks its thread until the volume acknowledged it. Default 4.
     pub threads: usize,
+    /// Reads served at once (volume reads in flight; their misses are coalesced and
+    /// fetched once by the volume). Also the kernel's bound on pending background
+    /// requests, which is how asynchronous direct IO reaches us. Default 64.
+    pub max_reads: usize,
+    /// Ask the kernel for asynchronous direct IO (`FUSE_ASYNC_DIO`): the loop device's
+    /// requests then reach the volume concurrently instead of one after another, so
+    /// the kernel's read-ahead and concurrent readers become concurrent fetches.
+    /// Default true (false only to measure without it).
+    pub async_dio: bool,
     /// Worker threads of the tokio runtime the session owns to run volume calls.
     /// Default 2.
     pub runtime_threads: usize,
@@ -31,6 +41,8 @@ impl Default for FuseOptions {
     fn default() -> Self {
         Self {
             threads: 4,
+            max_reads: 64,
+            async_dio: true,
             runtime_threads: 2,
             fs_name: "slacker".to_owned(),
         }
@@ -41,6 +53,18 @@ impl FuseOptions {
     /// Sets [`threads`](Self::threads) (at least 1).
     pub fn with_threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
+        self
+    }
+
+    /// Sets [`max_reads`](Self::max_reads) (at least 1).
+    pub fn with_max_reads(mut self, n: usize) -> Self {
+        self.max_reads = n.max(1);
+        self
+    }
+
+    /// Sets [`async_dio`](Self::async_dio).
+    pub fn with_async_dio(mut self, on: bool) -> Self {
+        self.async_dio = on;
         self
     }
 }
@@ -55,14 +79,19 @@ pub struct FuseStats {
     pub writes: u64,
     /// FUSE fsync requests.
     pub fsyncs: u64,
+    /// Most reads served at once.
+    pub peak_reads_in_flight: u64,
+    /// Whether the kernel sends direct IO asynchronously (`FUSE_ASYNC_DIO` agreed).
+    pub async_dio: bool,
 }
 
 /// A [`LazyVolume`] exposed as one file, `<mountpoint>/disk.img`, through FUSE (`fuser`,
 /// mounted with `mount(2)` as root: no `fusermount` needed), read-write unless the volume
 /// is a read-only snapshot view.
 ///
-/// The session owns a small tokio runtime; fuser's event-loop threads `block_on` the
-/// volume's async calls there (blocking those threads is what they are for). Dropping the
+/// The session owns a small tokio runtime. fuser's event-loop threads hand each read to
+/// it as a task and go back to the kernel (reads are served concurrently, at most
+/// [`FuseOptions::max_reads`]); they `block_on` writes, `flush` and `fsync` there. Dropping the
 /// session unmounts it and joins its threads; unmounting fails while a loop device still
 /// holds `disk.img`, so detach loop devices first (a [`Mount`](crate::Mount) does).
 ///
@@ -126,6 +155,10 @@ impl FuseSession {
             meta.uid(),
             meta.gid(),
             Arc::clone(&counters),
+            Serving {
+                async_dio: options.async_dio,
+                max_reads: options.max_reads,
+            },
         );
         let mut config = Config::default();
         config.mount_options = vec![
@@ -179,6 +212,8 @@ impl FuseSession {
             reads: self.counters.reads.load(Ordering::Relaxed),
             writes: self.counters.writes.load(Ordering::Relaxed),
             fsyncs: self.counters.fsyncs.load(Ordering::Relaxed),
+            peak_reads_in_flight: self.counters.peak_reads_in_flight.load(Ordering::Relaxed),
+            async_dio: self.counters.async_dio.load(Ordering::Relaxed),
         }
     }
 

@@ -393,6 +393,69 @@ fn prefetch_of_a_recorded_trace_makes_the_next_start_fetch_nothing() {
     });
 }
 
+/// A demand miss during a trace prefetch waits behind at most the prefetch's requests in
+/// flight (parallelism x `prefetch_request_bytes`), not behind the whole trace: the
+/// prefetch goes out in small requests, so the link is never reserved far ahead. Shown by
+/// the bytes the backend had served when the demand read returned (the link is FIFO per
+/// request), not by timing. With prefetch requests as large as `max_request_bytes`
+/// (4 MiB), the demand read waited for all 16 MiB of the trace.
+#[test]
+fn a_demand_miss_is_not_queued_behind_the_whole_prefetch() {
+    rt().block_on(async {
+        // 100 Mbit/s: a 256 KiB request occupies the link for ~21 ms.
+        let counting = Arc::new(Counting::new(Throttled::new(
+            MemBackend::new(),
+            LinkProfile::new(Duration::from_micros(200), 100_000_000),
+        )));
+        let backend: Arc<dyn Backend> = counting.clone();
+        let size = 32 << 20;
+        let (snap, content) = image(&*backend, size, 9).await;
+        let c = clone_of(&*backend, &snap, "c").await;
+        let opts = LazyVolumeOptions::default()
+            .with_read_ahead(0)
+            .with_max_read_ahead(0);
+        let parallelism = opts.prefetch_parallelism as u64;
+        let chunk = opts.prefetch_request_bytes;
+        let v = LazyVolume::open(
+            backend.clone(),
+            c,
+            Arc::new(BlockCache::new(64 << 20)),
+            opts,
+        )
+        .await
+        .unwrap();
+        counting.reset();
+        let traced = BlockRange::new(0, ((16 << 20) / BS) as u32);
+        let prefetch = v.prefetch([traced]);
+        // Wait until the prefetch has its requests on the link.
+        while counting.counts().peak_concurrent_reads < parallelism {
+            tokio::task::yield_now().await;
+        }
+        // A block outside the trace: a demand miss of its own.
+        let at = 24u64 << 20;
+        let got = v.read_at(at, 4096).await.unwrap();
+        let served = counting.counts().snapshot_read_bytes;
+        assert_eq!(&got[..], &content[at as usize..at as usize + 4096]);
+        eprintln!(
+            "the demand read returned after {} KiB of the 16 MiB trace had crossed the link",
+            (served - 4096) >> 10
+        );
+        assert!(
+            served <= (parallelism + 1) * chunk + 4096 && served < (16 << 20) / 4,
+            "the demand miss waited behind {served} B of prefetch"
+        );
+        let report = prefetch.await.unwrap().unwrap();
+        assert_eq!(report.blocks_fetched, traced.len());
+        // The prefetched blocks are right, and cached.
+        counting.reset();
+        for off in [0u64, 5 << 20, (16 << 20) - 4096] {
+            let got = v.read_at(off, 4096).await.unwrap();
+            assert_eq!(&got[..], &content[off as usize..off as usize + 4096]);
+        }
+        assert_eq!(counting.counts().bytes_read(), 0);
+    });
+}
+
 #[test]
 fn volumes_without_origin_snapshot_views_and_removed_origins() {
     rt().block_on(async {
