@@ -242,7 +242,12 @@ fn main() -> ExitCode {
     // warnings and errors, and the layer store's recovery notes, on stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        // SLACKER_TIMING=1: the snapshotter's per-step timings (debug events) too.
+        .with_max_level(if std::env::var_os("SLACKER_TIMING").is_some() {
+            tracing_subscriber::filter::LevelFilter::DEBUG
+        } else {
+            tracing_subscriber::filter::LevelFilter::INFO
+        })
         .with_target(false)
         .init();
     let args = match parse_args() {
