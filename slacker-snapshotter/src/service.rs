@@ -701,9 +701,26 @@ impl SlackerSnapshotter {
                 return Err(e);
             }
         }
-        let mounts = self.mounts_of(&r).await;
-        st.by_key.insert(key, r);
-        mounts
+        match self.mounts_of(&r).await {
+            Ok(mounts) => {
+                st.by_key.insert(key, r);
+                Ok(mounts)
+            }
+            Err(e) => {
+                // Nothing half-created: containerd does not know this snapshot.
+                if let Err(m) = self.inner.meta.remove(&doc_name(r.id)) {
+                    eprintln!("slacker-snapshotter: removing metadata of {key:?}: {m}");
+                }
+                if r.staging {
+                    let _ = std::fs::remove_dir_all(self.staging_dir(r.id));
+                }
+                if let Some(v) = r.volume.as_deref().and_then(|v| VolumeId::new(v).ok()) {
+                    self.drop_own_mount(r.id).await;
+                    self.drop_volume(&v).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Records `reference` as the committed snapshot `name` on `parent` (a remote
