@@ -213,6 +213,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.map_err(Error::from)?
 }
 
+/// Now, in nanoseconds since the Unix epoch: a step's start in the notes, to line it up
+/// with containerd's debug log and the snapshotter's timing events (`SLACKER_TIMING`).
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 fn ctr_err(e: std::io::Error) -> Error {
     Error::msg(e.to_string())
 }
@@ -471,6 +479,7 @@ impl BenchPath for ContainerdPath {
             .ok_or_else(|| Error::msg("pull before push"))?;
         let ctrd = self.ctrd.clone();
         let snapshotter = self.snapshotter();
+        let started = unix_ns();
         let out = blocking(move || {
             ctrd.ctr(&[
                 "images",
@@ -484,14 +493,16 @@ impl BenchPath for ContainerdPath {
         })
         .await?;
         let layer_bytes = self.st(image).layer_bytes;
+        let mut notes: Vec<String> = out
+            .lines()
+            .filter(|l| l.starts_with("unpacking") || l.starts_with("done"))
+            .map(str::to_owned)
+            .collect();
+        notes.push(format!("started at {started} ns (unix)"));
         Ok(Step {
             network_bytes: layer_bytes,
             layer_bytes: Some(layer_bytes),
-            notes: out
-                .lines()
-                .filter(|l| l.starts_with("unpacking") || l.starts_with("done"))
-                .map(str::to_owned)
-                .collect(),
+            notes,
             ..Step::default()
         })
     }
@@ -516,6 +527,7 @@ impl BenchPath for ContainerdPath {
         let timeout = self.timeout;
         let loops = storage::LoopReads::now();
         let watch = self.volumes.clone().map(LoopWatch::start);
+        let started = unix_ns();
         let ran = blocking(move || {
             let port = sys::free_port()?;
             let (files, argv) = match &readiness {
@@ -567,7 +579,10 @@ impl BenchPath for ContainerdPath {
         let (secs, answer) = ran?;
         let mut step = Step {
             parts: vec![("ctr run until ready".into(), secs.as_secs_f64())],
-            notes: vec![format!("ready: {answer}")],
+            notes: vec![
+                format!("ready: {answer}"),
+                format!("started at {started} ns (unix)"),
+            ],
             ..Step::default()
         };
         if let Some(seen) = seen {

@@ -240,11 +240,29 @@ fn main() -> ExitCode {
     slacker_hellobench::elapsed_secs();
     // The libraries report through tracing (e.g. a mount whose teardown failed): show
     // warnings and errors, and the layer store's recovery notes, on stderr.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
-        .with_target(false)
-        .init();
+    // SLACKER_TIMING=1: the snapshotter's per-step timings (its debug events) too, and
+    // no other debug event (the gRPC stack's would slow the measured path).
+    {
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let timing = if std::env::var_os("SLACKER_TIMING").is_some() {
+            LevelFilter::DEBUG
+        } else {
+            LevelFilter::INFO
+        };
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(LevelFilter::DEBUG)
+            .with_target(false)
+            .finish()
+            .with(
+                Targets::new()
+                    .with_default(LevelFilter::INFO)
+                    .with_target("slacker_snapshotter::timing", timing),
+            )
+            .init();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

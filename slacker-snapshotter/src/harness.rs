@@ -105,10 +105,12 @@ impl Containerd {
         let mut text = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
              disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{sock}\"\n",
+             [grpc]\n  address = \"{sock}\"\n\
+             [debug]\n  level = \"{level}\"\n",
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             sock = sock.display(),
+            level = std::env::var("SLACKER_CONTAINERD_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
         );
         for (name, socket) in proxies {
             text.push_str(&format!(

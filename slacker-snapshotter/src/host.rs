@@ -147,6 +147,39 @@ pub fn mount_ext4(file: &Path, dir: &Path) -> io::Result<()> {
     )
 }
 
+/// Mounts the ext4 in `file` (a volume: a clone this process owns) at `dir` through a
+/// loop device that goes away with the mount, read-only if `read_only`.
+///
+/// A read-only mount is made read-write and then remounted read-only: a snapshot
+/// committed while something else still mounted its volume is marked as needing journal
+/// recovery (a thawed ext4 is), and ext4 replays a journal only through a writable
+/// device; the replay writes to this volume's own clone, never to the snapshot.
+///
+/// # Errors
+/// When `mount` fails.
+pub fn mount_ext4_at(file: &Path, dir: &Path, read_only: bool) -> io::Result<()> {
+    mount_ext4(file, dir)?;
+    if read_only
+        && let Err(e) = run(
+            "mount",
+            &["-o".as_ref(), "remount,ro".as_ref(), dir.as_os_str()],
+        )
+    {
+        let _ = unmount(dir);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Detaches the mount at `dir` now; the filesystem goes (and its loop device with it)
+/// once nothing uses it any more (`umount -l`).
+///
+/// # Errors
+/// When `umount` fails.
+pub fn unmount_lazy(dir: &Path) -> io::Result<()> {
+    run("umount", &["-l".as_ref(), dir.as_os_str()])
+}
+
 /// Unmounts `dir`.
 ///
 /// # Errors

@@ -2,7 +2,7 @@
 //!
 //! | containerd | here |
 //! |---|---|
-//! | `Prepare(key, parent)` | `clone_snapshot(parent's snapshot)` into a new volume (O(1)); mounts: ext4 on a loop device over the volume's file |
+//! | `Prepare(key, parent)` | `clone_snapshot(parent's snapshot)` into a new volume (O(1)); mounts: on a backend with local files (btrfs) this process mounts the volume's ext4 (loop device over its file) under `<root>/mnt` and hands out a bind mount of it; otherwise ext4 on a loop device over the volume's file, which containerd mounts itself |
 //! | `Prepare(extract-…, parent)` | a staging directory handed out as an overlay upper dir (no clone) |
 //! | `View(key, parent)` | a clone, mounted read-only |
 //! | `Commit(name, key)` | freeze the mounted ext4, `snapshot(volume)`, drop the volume; for a staging directory holding a slacker reference document: record the referenced storage snapshot (no copy, no clone); for a standard layer: clone the parent, merge the unpacked layer in, snapshot |
@@ -10,29 +10,43 @@
 //! | `Walk`, `Stat`, `Update`, `Usage`, `Mounts`, `Cleanup` | from the metadata documents |
 //!
 //! **Metadata** is one small JSON document per snapshot in a [`DirStore`] under
-//! `<root>/meta` (written atomically and durably), named by an internal number, never
-//! by the key (containerd's keys hold `/`). Every state change replaces exactly one
-//! document, after the storage step it records: a crash leaves at most an unreferenced
-//! volume, staging directory or snapshot, which the next start ([`SlackerSnapshotter::open`])
-//! or `Cleanup` removes. Mounts containerd made are kernel mounts of loop devices over
-//! volume files: a restart of this process does not touch them.
+//! `<root>/meta` (written atomically), named by an internal number, never by the key
+//! (containerd's keys hold `/`). Every state change replaces exactly one document, after
+//! the storage step it records: a crash leaves at most an unreferenced volume, staging
+//! directory or snapshot, which the next start ([`SlackerSnapshotter::open`]) or
+//! `Cleanup` removes. Mounts containerd made, and this process's own mounts of active and
+//! view volumes (bind-mounted by containerd), are kernel mounts of loop devices over
+//! volume files: a restart of this process does not touch them, and `Mounts` after a
+//! restart reuses its mount (or mounts again after a reboot). This process must run in
+//! the host's mount namespace (the shipped systemd unit does), as containerd does.
+//!
+//! **Durability.** Committed snapshots, views, label updates and removals are written
+//! durably (fsync of the document and of its directory) before the RPC answers. An
+//! *active* snapshot is scratch until `Commit` (containerd's overlayfs snapshotter does
+//! not fsync its directories either): `Prepare` writes its document atomically but does
+//! not wait for the disk. A process crash (kill -9) loses nothing (the page cache
+//! survives); a power loss may lose active snapshots prepared just before it, never a
+//! committed one. A document the power loss left empty (the rename reached the disk, its
+//! data did not) is recognised at the next start and dropped, with the volume or staging
+//! directory it named (removed as unreferenced).
 
 // `tonic::Status` is the error type containerd-snapshots' `Snapshotter` trait requires;
 // boxing it here would only move the conversion around.
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::Status;
 use containerd_snapshots::{Info, Kind as CtrKind, Snapshotter, Usage};
 use serde::{Deserialize, Serialize};
 use slacker_core::layer::reference::{MAX_DOCUMENT_BYTES, Reference};
-use slacker_core::persist::{DirStore, MetaStore};
+use slacker_core::persist::{DirStore, MetaStore, TEMP_SUFFIX};
 use slacker_core::{Backend, Error, ErrorKind, SnapshotId, VolumeId, VolumeOptions};
 use tokio::sync::Mutex;
 
@@ -123,6 +137,10 @@ struct Inner {
     counters: Counters,
     staging: PathBuf,
     mnt: PathBuf,
+    /// The metadata store's directory (for [`write_scratch`]).
+    meta_dir: PathBuf,
+    /// Serializes the mounts this process makes of active and view volumes.
+    mounting: Mutex<()>,
     data: DataPath,
     remote: Remote,
 }
@@ -161,6 +179,16 @@ fn doc_name(id: u64) -> String {
     format!("s-{id}")
 }
 
+/// Replaces document `name` in the [`DirStore`] at `dir` atomically but without waiting
+/// for the disk (no fsync): the temporary file has the store's naming, so a crash's
+/// leftover is removed by the next [`DirStore::open`]. A power loss may leave the old
+/// document, none, or an empty one (see the module docs).
+fn write_scratch(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}{TEMP_SUFFIX}"));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
 /// `containerd`'s unpacker names the active snapshot of a layer being unpacked
 /// `extract-<nonce>-<chain id>` (behind a `<namespace>/<n>/` prefix).
 pub fn is_extract_key(key: &str) -> bool {
@@ -168,6 +196,23 @@ pub fn is_extract_key(key: &str) -> bool {
         .next()
         .unwrap_or(key)
         .starts_with("extract-")
+}
+
+/// Runs `f` and emits a `debug` event (target `slacker_snapshotter::timing`) with how
+/// long it took: the breakdown of an RPC into its storage and metadata steps.
+async fn timed<T>(step: &'static str, f: impl Future<Output = T>) -> T {
+    let t = Instant::now();
+    let out = f.await;
+    tracing::debug!(target: "slacker_snapshotter::timing", step, us = t.elapsed().as_micros() as u64);
+    out
+}
+
+/// As [`timed`], for a step that does not wait.
+fn timed_sync<T>(step: &'static str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    tracing::debug!(target: "slacker_snapshotter::timing", step, us = t.elapsed().as_micros() as u64);
+    out
 }
 
 async fn blocking<T: Send + 'static>(
@@ -204,7 +249,8 @@ impl SlackerSnapshotter {
         let cfg_err = |what: &str, e: std::io::Error| {
             Error::Config(format!("{what} under {}: {e}", config.root.display()))
         };
-        let meta = DirStore::open(config.root.join("meta")).map_err(|e| cfg_err("meta", e))?;
+        let meta_dir = config.root.join("meta");
+        let meta = DirStore::open(&meta_dir).map_err(|e| cfg_err("meta", e))?;
         let staging = config.root.join("staging");
         let mnt = config.root.join("mnt");
         std::fs::create_dir_all(&staging).map_err(|e| cfg_err("staging", e))?;
@@ -227,6 +273,16 @@ impl SlackerSnapshotter {
                     .map_err(|e| Error::Integrity(format!("metadata document base: {e}")))?;
                 state.base = Some(d.snapshot.parse()?);
             } else if name.starts_with("s-") {
+                if data.is_empty() {
+                    // Only a scratch write (an active snapshot's `Prepare`) can leave an
+                    // empty document, and only through a power loss: that snapshot is
+                    // gone; what it named is removed below as unreferenced.
+                    eprintln!(
+                        "slacker-snapshotter: metadata document {name} is empty (an active snapshot lost to a power loss): dropped"
+                    );
+                    meta.remove(&name).map_err(|e| cfg_err("meta", e))?;
+                    continue;
+                }
                 let r: Record = serde_json::from_slice(&data)
                     .map_err(|e| Error::Integrity(format!("metadata document {name}: {e}")))?;
                 state.next_id = state.next_id.max(r.id + 1);
@@ -242,6 +298,8 @@ impl SlackerSnapshotter {
                 counters: Counters::default(),
                 staging,
                 mnt,
+                meta_dir,
+                mounting: Mutex::new(()),
                 data,
                 remote: Remote::new(config_plain_http),
             }),
@@ -299,10 +357,22 @@ impl SlackerSnapshotter {
 
     fn persist(&self, r: &Record) -> Result<(), Status> {
         let data = serde_json::to_vec(r).expect("records serialize");
-        self.inner
-            .meta
-            .write(&doc_name(r.id), &data)
-            .map_err(io_status("writing metadata"))
+        timed_sync("metadata write", || {
+            self.inner
+                .meta
+                .write(&doc_name(r.id), &data)
+                .map_err(io_status("writing metadata"))
+        })
+    }
+
+    /// As [`persist`](Self::persist) for an active snapshot's first document: atomic, not
+    /// durable (see the module docs).
+    fn persist_scratch(&self, r: &Record) -> Result<(), Status> {
+        let data = serde_json::to_vec(r).expect("records serialize");
+        timed_sync("metadata write (scratch)", || {
+            write_scratch(&self.inner.meta_dir, &doc_name(r.id), &data)
+                .map_err(io_status("writing metadata"))
+        })
     }
 
     /// Removes volumes of this instance and staging directories no document names.
@@ -313,6 +383,32 @@ impl SlackerSnapshotter {
             .values()
             .filter_map(|r| r.volume.as_deref())
             .collect();
+        // This process's mounts of snapshots that are gone (a crash between the
+        // metadata step and the unmount): detach them first, so their volumes free up.
+        let mounted: Vec<String> = st
+            .by_key
+            .values()
+            .filter(|r| r.volume.is_some())
+            .map(|r| format!("a{}", r.id))
+            .collect();
+        if let Ok(dir) = std::fs::read_dir(&self.inner.mnt) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('a') && !mounted.contains(&name) {
+                    let p = e.path();
+                    let r = blocking("unmounting a leftover mount", move || {
+                        if host::is_mount_point(&p) {
+                            host::unmount_lazy(&p)?;
+                        }
+                        std::fs::remove_dir(&p)
+                    })
+                    .await;
+                    if let Err(e) = r {
+                        eprintln!("slacker-snapshotter: {}", e.message());
+                    }
+                }
+            }
+        }
         let prefix = self.prefix();
         for v in self.inner.backend.list_volumes().await.map_err(status)? {
             if v.as_str().starts_with(&prefix) && !named.contains(&v.as_str()) {
@@ -397,6 +493,32 @@ impl SlackerSnapshotter {
         self.inner.data.metrics()
     }
 
+    /// Where this process mounts active or view snapshot `id` (local backends).
+    fn own_mount_dir(&self, id: u64) -> PathBuf {
+        self.inner.mnt.join(format!("a{id}"))
+    }
+
+    /// Unmounts this process's mount of snapshot `id` (if any) and removes its directory;
+    /// lazily if it is busy (a bind mount of it elsewhere keeps the filesystem until it
+    /// goes).
+    async fn drop_own_mount(&self, id: u64) {
+        let dir = self.own_mount_dir(id);
+        let _one = self.inner.mounting.lock().await;
+        let r = blocking("unmounting the volume", move || {
+            if host::is_mount_point(&dir) && host::unmount(&dir).is_err() {
+                host::unmount_lazy(&dir)?;
+            }
+            match std::fs::remove_dir(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            eprintln!("slacker-snapshotter: {}", e.message());
+        }
+    }
+
     fn staging_dir(&self, id: u64) -> PathBuf {
         self.inner.staging.join(id.to_string())
     }
@@ -424,6 +546,33 @@ impl SlackerSnapshotter {
             .volume_file(&VolumeId::new(vol).map_err(status)?)
             .await?;
         let rw = if r.kind == Kind::View { "ro" } else { "rw" };
+        if self.inner.data.is_local() {
+            // The snapshotter mounts the ext4 once and hands out bind mounts of it:
+            // containerd mounts a container's rootfs twice (a temporary mount to read
+            // /etc/group while building the spec, then the task's rootfs), and an ext4
+            // over a loop device costs a loop attach, a journal start and flushes at
+            // every mount and unmount, a bind mount nothing.
+            let dir = self.own_mount_dir(r.id);
+            let (d, read_only) = (dir.clone(), r.kind == Kind::View);
+            let _one = self.inner.mounting.lock().await;
+            timed(
+                "mount: ext4 (own)",
+                blocking("mounting the volume", move || {
+                    if host::is_mount_point(&d) {
+                        return Ok(());
+                    }
+                    std::fs::create_dir_all(&d)?;
+                    host::mount_ext4_at(&file, &d, read_only)
+                }),
+            )
+            .await?;
+            return Ok(vec![Mount {
+                r#type: "bind".into(),
+                source: dir.display().to_string(),
+                target: String::new(),
+                options: vec!["rbind".into(), rw.into()],
+            }]);
+        }
         Ok(vec![Mount {
             r#type: "ext4".into(),
             source: file.display().to_string(),
@@ -524,7 +673,7 @@ impl SlackerSnapshotter {
             )
             .map_err(io_status("staging directory"))?;
             r.staging = true;
-            if let Err(e) = self.persist(&r) {
+            if let Err(e) = self.persist_scratch(&r) {
                 let _ = std::fs::remove_dir_all(&d);
                 return Err(e);
             }
@@ -534,21 +683,44 @@ impl SlackerSnapshotter {
                 None => self.base(&mut st).await?,
             };
             let vol = self.volume_id(id)?;
-            self.inner
-                .backend
-                .clone_snapshot(&origin, &vol)
-                .await
-                .map_err(status)?;
+            timed(
+                "prepare: clone",
+                self.inner.backend.clone_snapshot(&origin, &vol),
+            )
+            .await
+            .map_err(status)?;
             self.inner.counters.clones.fetch_add(1, Ordering::Relaxed);
             r.volume = Some(vol.to_string());
-            if let Err(e) = self.persist(&r) {
+            let persisted = if kind == Kind::Active {
+                self.persist_scratch(&r)
+            } else {
+                self.persist(&r)
+            };
+            if let Err(e) = persisted {
                 let _ = self.inner.backend.remove_volume(&vol).await;
                 return Err(e);
             }
         }
-        let mounts = self.mounts_of(&r).await;
-        st.by_key.insert(key, r);
-        mounts
+        match self.mounts_of(&r).await {
+            Ok(mounts) => {
+                st.by_key.insert(key, r);
+                Ok(mounts)
+            }
+            Err(e) => {
+                // Nothing half-created: containerd does not know this snapshot.
+                if let Err(m) = self.inner.meta.remove(&doc_name(r.id)) {
+                    eprintln!("slacker-snapshotter: removing metadata of {key:?}: {m}");
+                }
+                if r.staging {
+                    let _ = std::fs::remove_dir_all(self.staging_dir(r.id));
+                }
+                if let Some(v) = r.volume.as_deref().and_then(|v| VolumeId::new(v).ok()) {
+                    self.drop_own_mount(r.id).await;
+                    self.drop_volume(&v).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Records `reference` as the committed snapshot `name` on `parent` (a remote
@@ -645,13 +817,23 @@ impl SlackerSnapshotter {
         let mut drop_volume = None;
         if r.staging {
             let upper = self.staging_dir(r.id).join("fs");
-            if let Some(reference) = find_reference(&upper)? {
+            if let Some(reference) =
+                timed_sync("commit: find reference", || find_reference(&upper))?
+            {
                 let b = &self.inner.backend;
-                let stat = b.stat_snapshot(&reference.snapshot).await.map_err(status)?;
+                let stat = timed(
+                    "commit: stat snapshot",
+                    b.stat_snapshot(&reference.snapshot),
+                )
+                .await
+                .map_err(status)?;
                 reference.verify(&stat).map_err(status)?;
-                b.hold_snapshot(&reference.snapshot, &self.holder(r.id))
-                    .await
-                    .map_err(status)?;
+                timed(
+                    "commit: hold snapshot",
+                    b.hold_snapshot(&reference.snapshot, &self.holder(r.id)),
+                )
+                .await
+                .map_err(status)?;
                 c.snapshot = Some(reference.snapshot.to_string());
                 c.lazy = true;
                 self.inner
@@ -692,14 +874,29 @@ impl SlackerSnapshotter {
             }
         } else {
             let vol = VolumeId::new(r.volume.clone().unwrap_or_default()).map_err(status)?;
+            // Our own mount goes first: an unmounted ext4 is clean (a frozen and thawed
+            // one is marked as needing journal recovery again, which a read-only mount
+            // of the snapshot could not do). A mount something still binds is frozen
+            // below instead; `Mounts` mounts again if this Commit fails.
+            self.drop_own_mount(r.id).await;
             let file = self.volume_file(&vol).await?;
-            blocking("freezing the mounted filesystem", move || {
-                host::quiesce(&file)
-            })
+            timed(
+                "commit: freeze",
+                blocking("freezing the mounted filesystem", move || {
+                    host::quiesce(&file)
+                }),
+            )
             .await?;
             let b = &self.inner.backend;
-            b.flush(&vol).await.map_err(status)?;
-            c.snapshot = Some(b.snapshot(&vol).await.map_err(status)?.to_string());
+            timed("commit: flush", b.flush(&vol))
+                .await
+                .map_err(status)?;
+            c.snapshot = Some(
+                timed("commit: snapshot", b.snapshot(&vol))
+                    .await
+                    .map_err(status)?
+                    .to_string(),
+            );
             drop_volume = Some(vol);
         }
         // The one durable step: the document now says committed.
@@ -707,7 +904,10 @@ impl SlackerSnapshotter {
         st.by_key.remove(&key);
         st.by_key.insert(name, c);
         if r.staging {
-            let _ = std::fs::remove_dir_all(self.staging_dir(r.id));
+            // Off the RPC's path: a directory no document names any more is removed by
+            // the next start or `Cleanup` if this does not finish.
+            let d = self.staging_dir(r.id);
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d));
         }
         if let Some(vol) = drop_volume {
             // btrfs: a volume still loop-mounted stays readable through its open file;
@@ -759,6 +959,7 @@ impl SlackerSnapshotter {
             let _ = std::fs::remove_dir_all(self.staging_dir(r.id));
         }
         if let Some(v) = &r.volume {
+            self.drop_own_mount(r.id).await;
             self.drop_volume(&VolumeId::new(v.as_str()).map_err(status)?)
                 .await;
         }
@@ -864,6 +1065,7 @@ impl Snapshotter for SlackerSnapshotter {
     type Error = Status;
 
     async fn stat(&self, key: String) -> Result<Info, Status> {
+        tracing::debug!(target: "slacker_snapshotter::timing", step = "rpc stat", us = 0u64);
         let st = self.inner.state.lock().await;
         st.by_key
             .get(&key)
@@ -872,6 +1074,7 @@ impl Snapshotter for SlackerSnapshotter {
     }
 
     async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
+        tracing::debug!(target: "slacker_snapshotter::timing", step = "rpc update", us = 0u64);
         let mut st = self.inner.state.lock().await;
         let mut r = st
             .by_key
@@ -910,6 +1113,7 @@ impl Snapshotter for SlackerSnapshotter {
     }
 
     async fn usage(&self, key: String) -> Result<Usage, Status> {
+        tracing::debug!(target: "slacker_snapshotter::timing", step = "rpc usage", us = 0u64);
         let r = {
             let st = self.inner.state.lock().await;
             st.by_key
@@ -954,7 +1158,7 @@ impl Snapshotter for SlackerSnapshotter {
                 "snapshot {key:?} is committed: it has no mounts"
             )));
         }
-        self.mounts_of(&r).await
+        timed("rpc mounts", self.mounts_of(&r)).await
     }
 
     async fn prepare(
@@ -963,7 +1167,11 @@ impl Snapshotter for SlackerSnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Status> {
-        self.create(Kind::Active, key, parent, labels).await
+        timed(
+            "rpc prepare",
+            self.create(Kind::Active, key, parent, labels),
+        )
+        .await
     }
 
     async fn view(
@@ -972,7 +1180,7 @@ impl Snapshotter for SlackerSnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Status> {
-        self.create(Kind::View, key, parent, labels).await
+        timed("rpc view", self.create(Kind::View, key, parent, labels)).await
     }
 
     async fn commit(
@@ -981,11 +1189,11 @@ impl Snapshotter for SlackerSnapshotter {
         key: String,
         labels: HashMap<String, String>,
     ) -> Result<(), Status> {
-        self.commit_inner(name, key, labels).await
+        timed("rpc commit", self.commit_inner(name, key, labels)).await
     }
 
     async fn remove(&self, key: String) -> Result<(), Status> {
-        self.remove_inner(key).await
+        timed("rpc remove", self.remove_inner(key)).await
     }
 
     async fn clear(&self) -> Result<(), Status> {
@@ -995,6 +1203,7 @@ impl Snapshotter for SlackerSnapshotter {
     type InfoStream = InfoStream;
 
     async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<InfoStream, Status> {
+        tracing::debug!(target: "slacker_snapshotter::timing", step = "rpc walk", us = 0u64);
         let f = Filters::parse(&filters).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let st = self.inner.state.lock().await;
         let out: Vec<Result<Info, Status>> = st
