@@ -200,9 +200,12 @@ fn many_concurrent_readers_of_one_cold_block_cause_one_fetch() {
 #[test]
 fn an_abandoned_fetch_wakes_its_waiters_who_fetch_again() {
     rt().block_on(async {
+        // A slow link (1 s per request) so that the leader's fetch is still in flight when
+        // it is abandoned, however loaded the machine: the test waits for states, it never
+        // races a timer against the link.
         let counting = Arc::new(Counting::new(Throttled::new(
             MemBackend::new(),
-            LinkProfile::latency_only(Duration::from_millis(100)),
+            LinkProfile::latency_only(Duration::from_secs(1)),
         )));
         let backend: Arc<dyn Backend> = counting.clone();
         let (snap, content) = image(&*backend, 1 << 20, 3).await;
@@ -217,13 +220,29 @@ fn an_abandoned_fetch_wakes_its_waiters_who_fetch_again() {
         .await
         .unwrap();
         let leader = v.clone();
-        let cancelled = tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_millis(20), leader.read_at(0, 10)).await
-        });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let waiter = v.read_at(0, 10).await.unwrap();
-        assert!(cancelled.await.unwrap().is_err(), "the leader timed out");
-        assert_eq!(&waiter[..], &content[..10]);
+        let leader = tokio::spawn(async move { leader.read_at(0, 10).await });
+        while cache.stats().in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let w = v.clone();
+        let waiter = tokio::spawn(async move { w.read_at(0, 10).await });
+        while v.metrics().in_flight_joins == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The leader goes away with its fetch in flight (a reader killed mid-read).
+        leader.abort();
+        assert!(
+            leader.await.unwrap_err().is_cancelled(),
+            "the leader was abandoned before its fetch returned"
+        );
+        // A waiter left waiting on the abandoned fetch would hang: 30 s (30 link round
+        // trips) turns that into a failure.
+        let got = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("the waiter was woken and fetched the block itself")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..], &content[..10]);
         assert_eq!(cache.stats().in_flight, 0);
     });
 }
