@@ -332,6 +332,7 @@ fn main() -> ExitCode {
     storage::detach_loops_under(&work);
     sys::unmount_under(&work);
     storage::emergency_cleanup();
+    rbd::stop_if_started();
     // Not the whole cache: other runs' btrfs filesystems live under cache/btrfs/<pid>
     // (this run's was torn down above); only the corpus builds' chroot mounts.
     let corpus_dirs = ["images", "base", "base.partial"].map(|d| cache.dir().join(d));

@@ -3,13 +3,14 @@
 //!
 //! The cluster: `SLACKER_RBD_MON=host:port` (with `SLACKER_RBD_KEYRING=<file>`, empty for
 //! a cluster without cephx, and optionally `SLACKER_RBD_POOL`), else, as root, the test
-//! cluster of `slacker-backend-rbd/cluster` (installed and started on first use; it stays
-//! up, `cluster/stop.sh --purge` removes it). Each run uses an RBD namespace of its own,
-//! removed image by image at the end.
+//! cluster of `slacker-backend-rbd/cluster` (installed and started on first use). A
+//! cluster this run started is stopped when the run ends ([`stop_if_started`]: its data
+//! stays for the next run, `cluster/stop.sh --purge` removes it); one already running is
+//! left alone. Each run uses an RBD namespace of its own, removed image by image at the end.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use slacker_backend_rbd::{RbdBuilder, RbdConfig};
@@ -26,6 +27,47 @@ pub const ENV_RBD_MON: &str = "SLACKER_RBD_MON";
 
 /// How to get a cluster, for messages.
 pub const HOW: &str = "set SLACKER_RBD_MON=host:port and SLACKER_RBD_KEYRING=<keyring of client.admin> (a Ceph cluster with an rbd pool, e.g. `sudo slacker-backend-rbd/cluster/test-cluster.sh` prints them), or run as root with `--paths ...,slacker-rbd` so that hellobench starts that test cluster itself";
+
+/// The test cluster's directory, when this run started it (see [`stop_if_started`]).
+static STARTED: OnceLock<PathBuf> = OnceLock::new();
+
+/// The test cluster's directory (as `cluster/test-cluster.sh` picks it).
+fn cluster_dir() -> PathBuf {
+    std::env::var_os("CEPH_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("/tmp/slacker-rbd-cluster"), PathBuf::from)
+}
+
+/// Whether the test cluster's monitor in `dir` is running (its recorded pid is alive).
+fn mon_running(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("run/mon.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Stops the test cluster if this run started it, so that nothing of the run stays up
+/// (its monitor would hold port 3300, which `.ci/test`'s own cluster needs). Its data is
+/// kept: the next run starts it again in seconds.
+pub fn stop_if_started() {
+    let Some(dir) = STARTED.get() else {
+        return;
+    };
+    crate::progress!("slacker-rbd: stopping the test cluster this run started");
+    let stopped = Command::new("bash")
+        .arg(scripts().join("stop.sh"))
+        .env("CEPH_DIR", dir)
+        .output();
+    match stopped {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "slacker-hellobench: stopping the Ceph test cluster in {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => eprintln!("slacker-hellobench: cannot run stop.sh: {e}"),
+    }
+}
 
 /// The configured monitors, if any.
 pub fn configured() -> Option<String> {
@@ -51,10 +93,15 @@ pub fn find(ns: &str) -> std::result::Result<(RbdConfig, String), String> {
                 "slacker-rbd: {ENV_RBD_MON} not set; starting or reusing the test cluster ({})",
                 script.display()
             );
+            let dir = cluster_dir();
+            let was_running = mon_running(&dir);
             let out = Command::new("bash")
                 .arg(&script)
                 .output()
                 .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if !was_running && mon_running(&dir) {
+                let _ = STARTED.set(dir);
+            }
             let stdout = String::from_utf8_lossy(&out.stdout);
             if !out.status.success() {
                 return Err(format!(
