@@ -191,30 +191,13 @@ impl MetaStore for DirStore {
     }
 
     fn write(&self, name: &str, data: &[u8]) -> io::Result<()> {
-        check_name(name)?;
-        let tmp = self.dir.join(format!(".{name}{TEMP_SUFFIX}"));
-        self.point("create temp")?;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        self.point("fsync temp")?;
-        f.sync_all()?;
-        drop(f);
-        self.point("rename")?;
-        fs::rename(&tmp, self.dir.join(name))?;
-        self.point("fsync dir")?;
-        self.sync_dir()
+        // One document: temp written and synced, renamed, directory synced.
+        self.write_many(&[(name, data)])
     }
 
     /// Every document's temporary file is written and synced, then all are renamed, then
     /// the directory is synced once: `2 + n` fsyncs for `n` documents instead of `2n`.
     fn write_many(&self, docs: &[(&str, &[u8])]) -> io::Result<()> {
-        if let [(name, data)] = docs {
-            return self.write(name, data);
-        }
         let mut temps = Vec::with_capacity(docs.len());
         for (name, data) in docs {
             check_name(name)?;
