@@ -13,22 +13,10 @@ use std::time::Duration;
 
 use slacker_core::worker::LinkProfile;
 use slacker_hellobench::fairlink::{FairLink, LinkStats};
-
-/// Deterministic, incompressible-looking bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use slacker_testkit::checks::noise;
 
 /// An upstream that, per connection, reads the request to EOF, then answers with
-/// `pattern(reply_len(request), seed-of-request)` and closes. Returns what it received.
+/// `noise(reply_len(request), seed-of-request)` and closes. Returns what it received.
 fn upstream() -> (String, thread::JoinHandle<Vec<Vec<u8>>>, usize) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -42,7 +30,7 @@ fn upstream() -> (String, thread::JoinHandle<Vec<Vec<u8>>>, usize) {
                 s.read_to_end(&mut got).unwrap();
                 // The reply's length and seed come from the request's first byte.
                 let n = got.first().copied().unwrap_or(0) as usize;
-                s.write_all(&pattern((n + 1) * 300_000, n as u64)).unwrap();
+                s.write_all(&noise((n + 1) * 300_000, n as u64)).unwrap();
                 s.shutdown(Shutdown::Write).unwrap();
                 got
             }));
@@ -62,7 +50,7 @@ fn exchange_through(profile: Option<LinkProfile>) {
         .map(|i| {
             let addr = link.addr().to_owned();
             thread::spawn(move || {
-                let mut req = pattern(1_000_000 + i * 123_457, 100 + i as u64);
+                let mut req = noise(1_000_000 + i * 123_457, 100 + i as u64);
                 req[0] = i as u8;
                 let mut s = TcpStream::connect(&addr).unwrap();
                 s.write_all(&req).unwrap();
@@ -71,7 +59,7 @@ fn exchange_through(profile: Option<LinkProfile>) {
                 s.read_to_end(&mut reply).unwrap();
                 assert_eq!(
                     reply,
-                    pattern((i + 1) * 300_000, i as u64),
+                    noise((i + 1) * 300_000, i as u64),
                     "connection {i}: the reply arrived altered"
                 );
                 (req, reply.len())
@@ -185,7 +173,7 @@ async fn a_real_registry_pushes_and_pulls_through_the_link() {
         use_monolithic_push: true,
         ..Default::default()
     });
-    let blob = pattern(3 << 20, 7);
+    let blob = noise(3 << 20, 7);
     let digest =
         oci_client::client::ImageLayer::new(blob.clone(), "x".into(), None).sha256_digest();
     let reference: oci_client::Reference = format!("{}/fairlink/test:latest", link.addr())

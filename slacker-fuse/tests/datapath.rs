@@ -20,24 +20,12 @@ use slacker_core::{
     Backend, BackendExt, BlockIndex, BlockRange, BlockSize, ErrorKind, SnapshotId, VolumeId,
     VolumeOptions,
 };
+use slacker_testkit::checks::noise;
 
 const BS: u64 = 4096;
 
 fn vid(s: &str) -> VolumeId {
     VolumeId::new(s).unwrap()
-}
-
-/// Deterministic, block-distinct content.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -51,7 +39,7 @@ fn rt() -> tokio::runtime::Runtime {
 /// An image volume of `size` bytes with `pattern` content, snapshotted; returns the
 /// snapshot and the content.
 async fn image(b: &dyn Backend, size: u64, seed: u64) -> (SnapshotId, Vec<u8>) {
-    let content = pattern(size as usize, seed);
+    let content = noise(size as usize, seed);
     let v = vid(&format!("image-{seed}"));
     b.create_volume(&v, &VolumeOptions::new(size))
         .await

@@ -17,6 +17,7 @@ use slacker_core::worker::{
 };
 use slacker_core::{Backend, BackendExt, SnapshotId, VolumeId, VolumeOptions};
 use slacker_fuse::{FuseOptions, FuseSession, Mount, MountOptions, mount_and_run};
+use slacker_testkit::checks::noise;
 
 const MIB: u64 = 1 << 20;
 const IMAGE_SIZE: u64 = 64 * MIB;
@@ -65,18 +66,6 @@ fn ready() -> Option<()> {
     Some(())
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(
@@ -102,7 +91,7 @@ fn busybox_image(dir: &Path) -> (PathBuf, u64) {
     std::fs::write(tree.join("etc/hostname"), "slacker\n").unwrap();
     let mut used = std::fs::metadata(tree.join("bin/busybox")).unwrap().len();
     for i in 0..EXTRA_FILES {
-        let data = pattern(EXTRA_FILE_SIZE, 100 + i as u64);
+        let data = noise(EXTRA_FILE_SIZE, 100 + i as u64);
         std::fs::write(tree.join(format!("opt/data/blob{i}.bin")), &data).unwrap();
         used += data.len() as u64;
     }
@@ -302,7 +291,7 @@ fn concurrent_readers_through_the_loop_device_fetch_concurrently() {
     // Every byte arrived (the files are verified against what was written).
     for i in 0..EXTRA_FILES {
         let got = std::fs::read(m.root().join(format!("tmp/out{i}"))).unwrap();
-        assert!(got == pattern(EXTRA_FILE_SIZE, 100 + i as u64), "blob{i}");
+        assert!(got == noise(EXTRA_FILE_SIZE, 100 + i as u64), "blob{i}");
     }
     let fuse = m.fuse().unwrap().stats();
     m.unmount().unwrap();
@@ -473,7 +462,7 @@ fn acknowledged_writes_survive_the_death_of_the_fuse_server() {
     let rt = rt();
     let backend: Arc<dyn Backend> = Arc::new(MemBackend::new());
     let size = 8 * MIB;
-    let base = pattern(size as usize, 9);
+    let base = noise(size as usize, 9);
     let img = VolumeId::new("img").unwrap();
     let c = VolumeId::new("c").unwrap();
     let open = |cache: Arc<BlockCache>| {
