@@ -120,6 +120,9 @@ pub struct Counters {
     /// Layers prepared from CRI's remote-snapshot labels (fetched by the snapshotter;
     /// containerd skipped the download).
     pub remote_snapshots: AtomicU64,
+    /// Commits that found a filesystem still alive on the volume's loop device (mounted
+    /// elsewhere, or unmounted lazily and still referenced) and froze it for the snapshot.
+    pub frozen_commits: AtomicU64,
 }
 
 /// A containerd snapshotter on a slacker [`Backend`] (see the [module docs](self)).
@@ -394,7 +397,17 @@ impl SlackerSnapshotter {
         if let Ok(dir) = std::fs::read_dir(&self.inner.mnt) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('a') && !mounted.contains(&name) {
+                if name.starts_with('q') {
+                    // A Commit's freeze mount (a crash before the thaw): thaw and go.
+                    let p = e.path();
+                    let r = blocking("thawing a leftover freeze", move || {
+                        host::release_quiesce_mount(&p)
+                    })
+                    .await;
+                    if let Err(e) = r {
+                        eprintln!("slacker-snapshotter: {}", e.message());
+                    }
+                } else if name.starts_with('a') && !mounted.contains(&name) {
                     let p = e.path();
                     let r = blocking("unmounting a leftover mount", move || {
                         if host::is_mount_point(&p) {
@@ -874,29 +887,44 @@ impl SlackerSnapshotter {
             }
         } else {
             let vol = VolumeId::new(r.volume.clone().unwrap_or_default()).map_err(status)?;
-            // Our own mount goes first: an unmounted ext4 is clean (a frozen and thawed
-            // one is marked as needing journal recovery again, which a read-only mount
-            // of the snapshot could not do). A mount something still binds is frozen
-            // below instead; `Mounts` mounts again if this Commit fails.
+            // Our own mount goes first: an unmounted ext4 is clean. A filesystem that
+            // is still alive on a loop device over the volume is frozen for the
+            // snapshot (`host::freeze_all`): mounted elsewhere, or unmounted lazily
+            // while something still references it (its delayed writes reach the
+            // volume only at its teardown). `Mounts` mounts again if this Commit fails.
             self.drop_own_mount(r.id).await;
             let file = self.volume_file(&vol).await?;
-            timed(
+            let (scratch, tag) = (self.inner.mnt.clone(), r.id.to_string());
+            let frozen = timed(
                 "commit: freeze",
-                blocking("freezing the mounted filesystem", move || {
-                    host::quiesce(&file)
+                blocking("freezing the volume's filesystems", move || {
+                    host::freeze_all(&file, &scratch, &tag)
                 }),
             )
             .await?;
+            if !frozen.is_empty() {
+                eprintln!(
+                    "slacker-snapshotter: commit of {key:?}: {} filesystem(s) still alive on the volume (mounted elsewhere, or unmounted lazily and still referenced): frozen for the snapshot",
+                    frozen.len()
+                );
+                self.inner
+                    .counters
+                    .frozen_commits
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let b = &self.inner.backend;
-            timed("commit: flush", b.flush(&vol))
-                .await
-                .map_err(status)?;
-            c.snapshot = Some(
+            let taken = async {
+                timed("commit: flush", b.flush(&vol))
+                    .await
+                    .map_err(status)?;
                 timed("commit: snapshot", b.snapshot(&vol))
                     .await
-                    .map_err(status)?
-                    .to_string(),
-            );
+                    .map_err(status)
+            }
+            .await;
+            let thawed = blocking("thawing the volume's filesystems", move || frozen.thaw()).await;
+            c.snapshot = Some(taken?.to_string());
+            thawed?;
             drop_volume = Some(vol);
         }
         // The one durable step: the document now says committed.

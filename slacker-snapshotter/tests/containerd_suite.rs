@@ -42,7 +42,13 @@ fn run_suite(dir: &std::path::Path, backend: &str) {
         .lines()
         .filter(|l| l.contains("--- SKIP: TestProxy/"))
         .collect();
-    eprintln!("containerd suite: {passed} passed, skipped {skipped:?}");
+    // Commits that found the layer's filesystem still alive after the suite's lazy
+    // unmount (`MNT_DETACH`) and froze it: without that freeze their snapshots would
+    // have missed the layer's delayed writes (tests/lazy_unmount.rs).
+    let frozen = log.matches("frozen for the snapshot").count();
+    eprintln!(
+        "containerd suite: {passed} passed, skipped {skipped:?}; {frozen} Commits froze a filesystem still alive"
+    );
     assert!(
         out.status.success() && !stdout.contains("--- FAIL"),
         "containerd's suite failed:\n{stdout}\n{}\nsnapshotter log:\n{log}",
