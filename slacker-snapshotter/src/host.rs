@@ -95,12 +95,21 @@ pub struct Frozen {
     /// Our mount of each frozen filesystem, and the open loop device that keeps the
     /// device bound to the file (autoclear waits for the last close).
     held: Vec<(PathBuf, fs::File)>,
+    /// How many of them had no mount point in this process's mount namespace before
+    /// ours (unmounted lazily and still referenced, or mounted in another namespace).
+    detached: usize,
 }
 
 impl Frozen {
     /// How many filesystems are frozen.
     pub fn len(&self) -> usize {
         self.held.len()
+    }
+
+    /// How many frozen filesystems had no mount point in this process's mount
+    /// namespace (unmounted lazily and still referenced, or mounted in another one).
+    pub fn detached(&self) -> usize {
+        self.detached
     }
 
     /// Whether nothing is frozen.
@@ -195,6 +204,7 @@ pub fn freeze_all(file: &Path, scratch: &Path, tag: &str) -> io::Result<Frozen> 
         if read_only {
             continue;
         }
+        let visible = has_mount_point(&dev);
         let dir = scratch.join(format!("q{tag}-{name}"));
         fs::create_dir_all(&dir)?;
         let mounted = run(
@@ -233,8 +243,21 @@ pub fn freeze_all(file: &Path, scratch: &Path, tag: &str) -> io::Result<Frozen> 
             return Err(e);
         }
         frozen.held.push((dir, device));
+        frozen.detached += usize::from(!visible);
     }
     Ok(frozen)
+}
+
+/// Whether a filesystem from `device` is mounted somewhere in this process's mount
+/// namespace.
+fn has_mount_point(device: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split_once(" - ").map(|(_, r)| r))
+        .filter_map(|r| r.split(' ').nth(1))
+        .any(|src| Path::new(&unescape_mountinfo(src)) == device)
 }
 
 /// Mounts the ext4 in `file` at `dir` read-write through a loop device that goes away

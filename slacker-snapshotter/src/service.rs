@@ -5,7 +5,7 @@
 //! | `Prepare(key, parent)` | `clone_snapshot(parent's snapshot)` into a new volume (O(1)); mounts: on a backend with local files (btrfs) this process mounts the volume's ext4 (loop device over its file) under `<root>/mnt` and hands out a bind mount of it; otherwise ext4 on a loop device over the volume's file, which containerd mounts itself |
 //! | `Prepare(extract-…, parent)` | a staging directory handed out as an overlay upper dir (no clone) |
 //! | `View(key, parent)` | a clone, mounted read-only |
-//! | `Commit(name, key)` | freeze the mounted ext4, `snapshot(volume)`, drop the volume; for a staging directory holding a slacker reference document: record the referenced storage snapshot (no copy, no clone); for a standard layer: clone the parent, merge the unpacked layer in, snapshot |
+//! | `Commit(name, key)` | unmount this process's own mount; freeze every ext4 still alive on a loop device over the volume (mounted elsewhere, or unmounted lazily and still referenced: reached by mounting the device again) across `snapshot(volume)`; drop the volume; for a staging directory holding a slacker reference document: record the referenced storage snapshot (no copy, no clone); for a standard layer: clone the parent, merge the unpacked layer in, snapshot |
 //! | `Remove(key)` | refused while children exist; drops the volume, snapshot or hold |
 //! | `Walk`, `Stat`, `Update`, `Usage`, `Mounts`, `Cleanup` | from the metadata documents |
 //!
@@ -904,8 +904,9 @@ impl SlackerSnapshotter {
             .await?;
             if !frozen.is_empty() {
                 eprintln!(
-                    "slacker-snapshotter: commit of {key:?}: {} filesystem(s) still alive on the volume (mounted elsewhere, or unmounted lazily and still referenced): frozen for the snapshot",
-                    frozen.len()
+                    "slacker-snapshotter: commit of {key:?}: {} filesystem(s) still alive on the volume, {} of them with no mount point here (unmounted lazily and still referenced, or mounted in another namespace): frozen for the snapshot",
+                    frozen.len(),
+                    frozen.detached()
                 );
                 self.inner
                     .counters
