@@ -13,7 +13,7 @@
 //! - `…_while_held`: a file of the mount stays open across the lazy unmount and the
 //!   Commit (deterministic: the filesystem is certainly alive at Commit).
 //! - `…_under_walkers`: several chains at once with nothing held, while walker threads
-//!   open every mounted directory of the test in a loop, each for a few milliseconds
+//!   open every mounted directory of the test in a loop, each for 20 ms
 //!   (like `find` or `du` in other processes; libmount's path resolution does the same
 //!   for microseconds): the race as it happens, counted.
 
@@ -145,6 +145,9 @@ async fn chain(
             Err(e) => stale.push(format!("{name} layer {i}: {e}")),
         }
         let held = hold.then(|| std::fs::File::open(dir.join("overwriteme")).unwrap());
+        // containerd's suite compares the tree with its flat copy here: walkers have
+        // time to find the mount.
+        std::thread::sleep(std::time::Duration::from_millis(20));
         unmount_lazily(&dir);
         let committed = format!("{name}/committed-{i}");
         commit(c, &committed, &key).await;
@@ -212,15 +215,15 @@ fn held_chain(dir: &Path, backend: &str, layers: usize) {
     });
 }
 
-/// `chains` chains of `layers` layers at once, nothing held, while two walker threads
-/// open every directory mounted under `work` in a loop. Every stale layer is counted.
+/// `chains` chains of `layers` layers at once, nothing held, while three walker
+/// threads open every directory mounted under `work` in a loop, 20 ms each. Every stale layer is counted.
 fn walked_chains(dir: &Path, backend: &str, chains: usize, layers: usize) {
     with_snapshotter(dir, backend, |sock, log| {
         let work = dir.join("work");
         std::fs::create_dir_all(&work).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let walks = Arc::new(AtomicU64::new(0));
-        let walkers: Vec<_> = (0..2)
+        let walkers: Vec<_> = (0..3)
             .map(|_| {
                 let (stop, walks, work) = (stop.clone(), walks.clone(), work.clone());
                 std::thread::spawn(move || {
@@ -234,7 +237,7 @@ fn walked_chains(dir: &Path, backend: &str, chains: usize, layers: usize) {
                             if let Ok(mut d) = std::fs::read_dir(mp) {
                                 // A slow walker: the directory stays open a moment.
                                 let _ = d.next();
-                                std::thread::sleep(std::time::Duration::from_millis(5));
+                                std::thread::sleep(std::time::Duration::from_millis(20));
                                 let _ = d.count();
                                 walks.fetch_add(1, Ordering::Relaxed);
                             }
@@ -342,7 +345,7 @@ fn commit_after_lazy_unmounts_under_walkers_on_btrfs() {
     let Some((_fs, dir, backend)) = btrfs_backend() else {
         return;
     };
-    walked_chains(&dir, &backend, 3, 15);
+    walked_chains(&dir, &backend, 3, 25);
 }
 
 #[test]
