@@ -70,27 +70,6 @@ pub fn loop_devices_of(file: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Mount points (in this process's mount namespace) whose source is one of `devices`.
-pub fn mount_points_of(devices: &[PathBuf]) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mp = left.split(' ').nth(4).map(unescape_mountinfo);
-        let src = right.split(' ').nth(1).map(unescape_mountinfo);
-        if let (Some(mp), Some(src)) = (mp, src)
-            && devices.iter().any(|d| Path::new(&src) == d)
-        {
-            out.push(PathBuf::from(mp));
-        }
-    }
-    out
-}
-
 /// Whether something is mounted at `dir` (in this process's mount namespace). Works on a
 /// dead FUSE mount too (it compares the canonical parent plus the name).
 pub fn is_mount_point(dir: &Path) -> bool {
@@ -108,24 +87,177 @@ pub fn is_mount_point(dir: &Path) -> bool {
         .any(|m| Path::new(&unescape_mountinfo(m)) == want)
 }
 
-/// Makes every filesystem mounted from `file` (through a loop device) consistent on
-/// disk: `fsfreeze -f` flushes data and the journal and leaves it clean, `-u` thaws.
-/// A snapshot taken afterwards mounts without journal recovery, read-only too.
+/// Filesystems on the loop devices over a volume's file, frozen by [`freeze_all`] until
+/// [`thaw`](Self::thaw) (or drop).
+#[derive(Debug, Default)]
+#[must_use = "a frozen filesystem blocks its writers until thawed"]
+pub struct Frozen {
+    /// Our mount of each frozen filesystem, and the open loop device that keeps the
+    /// device bound to the file (autoclear waits for the last close).
+    held: Vec<(PathBuf, fs::File)>,
+    /// How many of them had no mount point in this process's mount namespace before
+    /// ours (unmounted lazily and still referenced, or mounted in another namespace).
+    detached: usize,
+}
+
+impl Frozen {
+    /// How many filesystems are frozen.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// How many frozen filesystems had no mount point in this process's mount
+    /// namespace (unmounted lazily and still referenced, or mounted in another one).
+    pub fn detached(&self) -> usize {
+        self.detached
+    }
+
+    /// Whether nothing is frozen.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Thaws every filesystem, unmounts our mounts of them and lets their loop devices
+    /// go (an autoclear device whose filesystem is gone detaches now).
+    ///
+    /// # Errors
+    /// The first thaw or unmount that failed (the others are still tried).
+    pub fn thaw(mut self) -> io::Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> io::Result<()> {
+        let mut first = Ok(());
+        for (dir, device) in self.held.drain(..) {
+            let r = release_quiesce_mount(&dir);
+            drop(device);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("slacker-snapshotter: thawing: {e}");
+        }
+    }
+}
+
+/// Thaws (if frozen) and unmounts a mount [`freeze_all`] made, and removes its directory.
 ///
 /// # Errors
-/// When freezing or thawing fails.
-pub fn quiesce(file: &Path) -> io::Result<()> {
-    let devs = loop_devices_of(file);
-    if devs.is_empty() {
+/// When `umount` fails.
+pub fn release_quiesce_mount(dir: &Path) -> io::Result<()> {
+    if !is_mount_point(dir) {
+        let _ = fs::remove_dir(dir);
         return Ok(());
     }
-    for mp in mount_points_of(&devs) {
-        run("fsfreeze", &["-f".as_ref(), mp.as_os_str()])?;
-        run("fsfreeze", &["-u".as_ref(), mp.as_os_str()])?;
+    // Fails harmlessly (EINVAL) when it is not frozen.
+    let _ = run("fsfreeze", &["-u".as_ref(), dir.as_os_str()]);
+    let r = unmount(dir).or_else(|_| unmount_lazy(dir));
+    let _ = fs::remove_dir(dir);
+    r
+}
+
+/// Freezes every filesystem that lives on a loop device over `file`, and keeps it frozen
+/// until the returned guard is thawed: a snapshot of `file` taken meanwhile has every
+/// write made so far and a clean ext4 (`fsfreeze` flushes data and the journal and
+/// clears the needs-recovery flag; a thawed ext4 sets it again, and a snapshot needing
+/// recovery cannot be mounted read-only through a read-only loop device).
+///
+/// Each filesystem is reached through a mount of its loop device at a directory of
+/// `scratch` (`q<tag>-<device>`), not through the mount points containerd made: the
+/// filesystem may be mounted in another mount namespace, or unmounted lazily
+/// (`MNT_DETACH`, as containerd's snapshotter suite does) and still alive because
+/// something references it. Such a filesystem has no mount point anywhere, and only its
+/// teardown, whenever that comes, would write its delayed data. Mounting the device
+/// again reaches the same superblock; if that superblock is being torn down, the mount
+/// waits for the teardown to finish (so everything is written) and mounts afresh. The
+/// loop device is held open meanwhile, so autoclear cannot detach it and give its number
+/// to another file in between (it detaches at [`Frozen::thaw`] instead).
+///
+/// A read-only loop device is skipped (nothing on it can be dirty), as is a filesystem
+/// mounted read-only (it cannot be mounted again read-write; it has nothing dirty).
+///
+/// # Errors
+/// When a device's filesystem cannot be mounted or frozen (what was frozen is thawed).
+pub fn freeze_all(file: &Path, scratch: &Path, tag: &str) -> io::Result<Frozen> {
+    let mut frozen = Frozen::default();
+    for dev in loop_devices_of(file) {
+        let Ok(device) = fs::File::open(&dev) else {
+            continue; // gone meanwhile
+        };
+        // Held open now: the binding can no longer change. Still over our file?
+        if !loop_devices_of(file).contains(&dev) {
+            continue;
+        }
+        let name = dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let read_only =
+            fs::read_to_string(format!("/sys/block/{name}/ro")).is_ok_and(|r| r.trim() == "1");
+        if read_only {
+            continue;
+        }
+        let visible = has_mount_point(&dev);
+        let dir = scratch.join(format!("q{tag}-{name}"));
+        fs::create_dir_all(&dir)?;
+        let mounted = run(
+            "mount",
+            &[
+                "-t".as_ref(),
+                "ext4".as_ref(),
+                "-o".as_ref(),
+                "rw".as_ref(),
+                dev.as_os_str(),
+                dir.as_os_str(),
+            ],
+        );
+        if let Err(e) = mounted {
+            // A filesystem mounted read-only refuses a read-write mount; it has nothing
+            // to flush. Anything else is an error.
+            let ro = run(
+                "mount",
+                &[
+                    "-t".as_ref(),
+                    "ext4".as_ref(),
+                    "-o".as_ref(),
+                    "ro".as_ref(),
+                    dev.as_os_str(),
+                    dir.as_os_str(),
+                ],
+            );
+            let _ = release_quiesce_mount(&dir);
+            match ro {
+                Ok(_) => continue,
+                Err(_) => return Err(e),
+            }
+        }
+        if let Err(e) = run("fsfreeze", &["-f".as_ref(), dir.as_os_str()]) {
+            let _ = release_quiesce_mount(&dir);
+            return Err(e);
+        }
+        frozen.held.push((dir, device));
+        frozen.detached += usize::from(!visible);
     }
-    // The loop devices' own writes reach the file's page cache; the backend's snapshot
-    // flushes those.
-    Ok(())
+    Ok(frozen)
+}
+
+/// Whether a filesystem from `device` is mounted somewhere in this process's mount
+/// namespace.
+fn has_mount_point(device: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split_once(" - ").map(|(_, r)| r))
+        .filter_map(|r| r.split(' ').nth(1))
+        .any(|src| Path::new(&unescape_mountinfo(src)) == device)
 }
 
 /// Mounts the ext4 in `file` at `dir` read-write through a loop device that goes away

@@ -48,6 +48,12 @@ pub async fn render(s: &SlackerSnapshotter) -> String {
         c.remote_snapshots.load(Ordering::Relaxed),
     );
     metric(
+        "slacker_snapshotter_frozen_commits_total",
+        "counter",
+        "Commits that found a filesystem still alive on the volume (mounted elsewhere or unmounted lazily) and froze it for the snapshot.",
+        c.frozen_commits.load(Ordering::Relaxed),
+    );
+    metric(
         "slacker_snapshotter_lazy_fetched_bytes_total",
         "counter",
         "Bytes fetched lazily from the storage by served volumes.",

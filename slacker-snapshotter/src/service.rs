@@ -5,7 +5,7 @@
 //! | `Prepare(key, parent)` | `clone_snapshot(parent's snapshot)` into a new volume (O(1)); mounts: on a backend with local files (btrfs) this process mounts the volume's ext4 (loop device over its file) under `<root>/mnt` and hands out a bind mount of it; otherwise ext4 on a loop device over the volume's file, which containerd mounts itself |
 //! | `Prepare(extract-…, parent)` | a staging directory handed out as an overlay upper dir (no clone) |
 //! | `View(key, parent)` | a clone, mounted read-only |
-//! | `Commit(name, key)` | freeze the mounted ext4, `snapshot(volume)`, drop the volume; for a staging directory holding a slacker reference document: record the referenced storage snapshot (no copy, no clone); for a standard layer: clone the parent, merge the unpacked layer in, snapshot |
+//! | `Commit(name, key)` | unmount this process's own mount; freeze every ext4 still alive on a loop device over the volume (mounted elsewhere, or unmounted lazily and still referenced: reached by mounting the device again) across `snapshot(volume)`; drop the volume; for a staging directory holding a slacker reference document: record the referenced storage snapshot (no copy, no clone); for a standard layer: clone the parent, merge the unpacked layer in, snapshot |
 //! | `Remove(key)` | refused while children exist; drops the volume, snapshot or hold |
 //! | `Walk`, `Stat`, `Update`, `Usage`, `Mounts`, `Cleanup` | from the metadata documents |
 //!
@@ -120,6 +120,9 @@ pub struct Counters {
     /// Layers prepared from CRI's remote-snapshot labels (fetched by the snapshotter;
     /// containerd skipped the download).
     pub remote_snapshots: AtomicU64,
+    /// Commits that found a filesystem still alive on the volume's loop device (mounted
+    /// elsewhere, or unmounted lazily and still referenced) and froze it for the snapshot.
+    pub frozen_commits: AtomicU64,
 }
 
 /// A containerd snapshotter on a slacker [`Backend`] (see the [module docs](self)).
@@ -394,7 +397,17 @@ impl SlackerSnapshotter {
         if let Ok(dir) = std::fs::read_dir(&self.inner.mnt) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('a') && !mounted.contains(&name) {
+                if name.starts_with('q') {
+                    // A Commit's freeze mount (a crash before the thaw): thaw and go.
+                    let p = e.path();
+                    let r = blocking("thawing a leftover freeze", move || {
+                        host::release_quiesce_mount(&p)
+                    })
+                    .await;
+                    if let Err(e) = r {
+                        eprintln!("slacker-snapshotter: {}", e.message());
+                    }
+                } else if name.starts_with('a') && !mounted.contains(&name) {
                     let p = e.path();
                     let r = blocking("unmounting a leftover mount", move || {
                         if host::is_mount_point(&p) {
@@ -874,29 +887,45 @@ impl SlackerSnapshotter {
             }
         } else {
             let vol = VolumeId::new(r.volume.clone().unwrap_or_default()).map_err(status)?;
-            // Our own mount goes first: an unmounted ext4 is clean (a frozen and thawed
-            // one is marked as needing journal recovery again, which a read-only mount
-            // of the snapshot could not do). A mount something still binds is frozen
-            // below instead; `Mounts` mounts again if this Commit fails.
+            // Our own mount goes first: an unmounted ext4 is clean. A filesystem that
+            // is still alive on a loop device over the volume is frozen for the
+            // snapshot (`host::freeze_all`): mounted elsewhere, or unmounted lazily
+            // while something still references it (its delayed writes reach the
+            // volume only at its teardown). `Mounts` mounts again if this Commit fails.
             self.drop_own_mount(r.id).await;
             let file = self.volume_file(&vol).await?;
-            timed(
+            let (scratch, tag) = (self.inner.mnt.clone(), r.id.to_string());
+            let frozen = timed(
                 "commit: freeze",
-                blocking("freezing the mounted filesystem", move || {
-                    host::quiesce(&file)
+                blocking("freezing the volume's filesystems", move || {
+                    host::freeze_all(&file, &scratch, &tag)
                 }),
             )
             .await?;
+            if !frozen.is_empty() {
+                eprintln!(
+                    "slacker-snapshotter: commit of {key:?}: {} filesystem(s) still alive on the volume, {} of them with no mount point here (unmounted lazily and still referenced, or mounted in another namespace): frozen for the snapshot",
+                    frozen.len(),
+                    frozen.detached()
+                );
+                self.inner
+                    .counters
+                    .frozen_commits
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let b = &self.inner.backend;
-            timed("commit: flush", b.flush(&vol))
-                .await
-                .map_err(status)?;
-            c.snapshot = Some(
+            let taken = async {
+                timed("commit: flush", b.flush(&vol))
+                    .await
+                    .map_err(status)?;
                 timed("commit: snapshot", b.snapshot(&vol))
                     .await
-                    .map_err(status)?
-                    .to_string(),
-            );
+                    .map_err(status)
+            }
+            .await;
+            let thawed = blocking("thawing the volume's filesystems", move || frozen.thaw()).await;
+            c.snapshot = Some(taken?.to_string());
+            thawed?;
             drop_volume = Some(vol);
         }
         // The one durable step: the document now says committed.

@@ -42,7 +42,21 @@ fn run_suite(dir: &std::path::Path, backend: &str) {
         .lines()
         .filter(|l| l.contains("--- SKIP: TestProxy/"))
         .collect();
-    eprintln!("containerd suite: {passed} passed, skipped {skipped:?}");
+    // Commits that found the layer's filesystem still alive after the suite's lazy
+    // unmount (`MNT_DETACH`) and froze it: without that freeze their snapshots would
+    // have missed the layer's delayed writes (tests/lazy_unmount.rs).
+    let frozen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("frozen for the snapshot"))
+        .collect();
+    let detached = frozen
+        .iter()
+        .filter(|l| !l.contains(", 0 of them with no mount point"))
+        .count();
+    eprintln!(
+        "containerd suite: {passed} passed, skipped {skipped:?}; {} Commits froze a filesystem still alive, {detached} of them with no mount point (unmounted lazily, still referenced)",
+        frozen.len()
+    );
     assert!(
         out.status.success() && !stdout.contains("--- FAIL"),
         "containerd's suite failed:\n{stdout}\n{}\nsnapshotter log:\n{log}",
