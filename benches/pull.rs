@@ -1,6 +1,8 @@
 //! Pull latency of a slacker image through a real registry on loopback, and where it goes:
-//! the registry round trips (the manifest, then the config and the reference layer at
-//! once) and the layer store's durable writes (`apply_diff` of a reference layer: its
+//! the registry round trips (the manifest, which embeds the config and the reference
+//! layer; for comparison the same image pushed without embedding, whose pull also fetches
+//! the config and the reference layer at once, and those two requests alone) and the
+//! layer store's durable writes (`apply_diff` of a reference layer: its
 //! layer record, then the holds on the data and Merkle tree snapshots, batched through
 //! `Backend::hold_snapshots`; the same holds one by one for comparison), with the unit
 //! costs on the same file system (one durable document: temp file, fsync, rename,
@@ -105,6 +107,7 @@ async fn store<B: Backend>(b: B, meta: &Path, name: &str) -> (LayerStore<B>, Arc
 #[derive(Default)]
 struct Figures {
     pull: Vec<f64>,
+    pull_unembedded: Vec<f64>,
     manifest: Vec<f64>,
     blobs: Vec<f64>,
     blobs_sequential: Vec<f64>,
@@ -127,6 +130,17 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         .push_image(&pusher, "img", &image, &PushOptions::default())
         .await
         .expect("push");
+    // The same image with nothing embedded in its manifest (as before embedding).
+    let unembedded = format!("{addr}/bench/pull:unembedded");
+    RegistryClient::new(ClientOptions::plain_http())
+        .push_image(
+            &pusher,
+            "img",
+            &unembedded,
+            &PushOptions::default().with_inline_max_bytes(0),
+        )
+        .await
+        .expect("push");
     let reference = pusher.diff("img").await.expect("diff").reference;
     let mut held = vec![reference.snapshot.clone()];
     held.extend(reference.merkle.as_ref().map(|m| m.tree.clone()));
@@ -137,6 +151,11 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
     let t = Instant::now();
     first_client.pull_image(&w, &image).await.expect("pull");
     let first = ms_since(t);
+    let first_client = RegistryClient::new(ClientOptions::plain_http());
+    let (w, _) = store(b.clone(), &meta.join("first-u"), "first-u").await;
+    let t = Instant::now();
+    first_client.pull_image(&w, &unembedded).await.expect("pull");
+    let first_unembedded = ms_since(t);
 
     let client = RegistryClient::new(ClientOptions::plain_http());
     client.pull_config(&image).await.expect("warm-up");
@@ -150,23 +169,31 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         let report = client.pull_image(&w, &image).await.expect("pull");
         f.pull.push(ms_since(t));
         bytes = report.bytes_downloaded();
+        let name = format!("u{i}");
+        let (w, _) = store(b.clone(), &meta.join(&name), &name).await;
+        let t = Instant::now();
+        client.pull_image(&w, &unembedded).await.expect("pull");
+        f.pull_unembedded.push(ms_since(t));
 
-        // The registry requests alone, as pull_image makes them: the manifest, then the
-        // config and the reference layer at once.
+        // The registry requests alone: the manifest; then what a pull without embedding
+        // adds, the config and the reference layer at once (descriptors without `data`).
         let t = Instant::now();
         let m = client.pull_manifest(&image, "reference").await.expect("m");
         f.manifest.push(ms_since(t));
+        let (mut config_desc, mut layer_desc) = (m.config.clone(), m.layers[0].clone());
+        config_desc.set_data(None);
+        layer_desc.set_data(None);
         let t = Instant::now();
         let (config, layer) = tokio::join!(
-            client.pull_blob(&image, &m.config),
-            client.pull_blob(&image, &m.layers[0])
+            client.pull_blob(&image, &config_desc),
+            client.pull_blob(&image, &layer_desc)
         );
         config.expect("config");
         let layer = layer.expect("layer");
         f.blobs.push(ms_since(t));
         let t = Instant::now();
-        client.pull_blob(&image, &m.config).await.expect("config");
-        client.pull_blob(&image, &m.layers[0]).await.expect("layer");
+        client.pull_blob(&image, &config_desc).await.expect("config");
+        client.pull_blob(&image, &layer_desc).await.expect("layer");
         f.blobs_sequential.push(ms_since(t));
 
         // The store's part alone, and within it the layer record's durable write.
@@ -218,11 +245,15 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         f.dir_fsync.push(ms_since(t));
     }
     println!(
-        "pull_image (median of {iters}): {:.2} ms; {bytes} B moved",
+        "pull_image (median of {iters}): {:.2} ms; {bytes} B moved (config and reference layer embedded in the manifest)",
         median(f.pull)
     );
     println!(
-        "  registry: manifest {:.2} ms, then config + reference layer at once {:.2} ms (one after the other: {:.2} ms)",
+        "pull_image of the same image pushed without embedding: {:.2} ms",
+        median(f.pull_unembedded)
+    );
+    println!(
+        "  registry: manifest {:.2} ms; without embedding also config + reference layer at once {:.2} ms (one after the other: {:.2} ms)",
         median(f.manifest),
         median(f.blobs),
         median(f.blobs_sequential)
@@ -244,7 +275,9 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         median(f.fsync),
         median(f.dir_fsync)
     );
-    println!("  first pull of a new client: {first:.2} ms");
+    println!(
+        "  first pull of a new client: {first:.2} ms (without embedding: {first_unembedded:.2} ms)"
+    );
 }
 
 fn main() {

@@ -295,7 +295,7 @@ pub fn compute(paths: &[PathResults], link: Option<&FairLinkReport>) -> Goals {
             0.005,
             true,
             "ms",
-            "median pull over images (manifest + config + reference layer through the fair link, apply_diff; trace path: + the trace)",
+            "median pull over images: a new client's `GET /v2/` probe and the manifest (config and reference layer embedded) through the fair link, then apply_diff's durable writes; trace path: the trace (fallback tag, then its manifest, trace embedded) fetched alongside",
         );
     }
     Goals {

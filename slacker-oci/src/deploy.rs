@@ -3,8 +3,8 @@
 //! are already on their way.
 //!
 //! ```text
-//!  deploy ─▶ manifest ┬─▶ config ∥ reference layer ─▶ apply_diff (lazy) ─▶ get (clone) ─▶ LazyVolume
-//!                     └─▶ trace: referrers API or sha256-<hex> tag ─▶ trace manifest ─▶ blob ──┐
+//!  deploy ─▶ manifest ┬─▶ config, reference layer (embedded) ─▶ apply_diff (lazy) ─▶ get (clone) ─▶ LazyVolume
+//!                     └─▶ trace: referrers API or sha256-<hex> tag ─▶ trace manifest (+ blob) ─┐
 //!                                                      LazyVolume::prefetch (bounded) ◀─────────┘
 //! ```
 //!

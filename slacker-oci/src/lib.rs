@@ -49,6 +49,16 @@
 //!
 //! Blobs the registry already has (`HEAD` → 200) are not uploaded again; reports count
 //! the bytes that actually moved.
+//!
+//! **A pull in one request.** A slacker manifest embeds its small blobs (the config and
+//! the 2 KiB reference layer, up to [`INLINE_MAX_BYTES`]) in their descriptors as `data`
+//! (base64; OCI image-spec 1.1 allows `data` on any descriptor). The blobs are pushed as
+//! well, so clients that ignore `data` (containerd 1.6, skopeo) fetch them as before.
+//! [`RegistryClient::pull_blob`] (and so every pull) uses embedded data when a descriptor
+//! carries it, after checking it against the descriptor's size and digest exactly as a
+//! downloaded blob (a mismatch is an [`Integrity`](slacker_core::ErrorKind::Integrity)
+//! error), and fetches the blob otherwise: pulling a slacker image then costs one `GET`,
+//! the manifest's.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -64,6 +74,7 @@ use std::io::{Read, Seek, Write};
 use std::path::Path;
 use std::sync::Mutex;
 
+use base64::Engine;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
@@ -130,6 +141,11 @@ const SPOOL_ABOVE: u64 = 64 << 20;
 
 /// Reference layers up to this size are fetched alongside the config.
 const EARLY_LAYER_BYTES: u64 = 64 << 10;
+
+/// Blobs of a slacker manifest up to this size (the config, the 2 KiB reference layer)
+/// are also embedded in their descriptors as `data` by default (see
+/// [`PushOptions::inline_max_bytes`]).
+pub const INLINE_MAX_BYTES: u64 = 16 << 10;
 
 /// Largest manifest or index read (the distribution spec lets registries refuse
 /// manifests above 4 MiB).
@@ -350,6 +366,10 @@ pub struct PushOptions {
     /// The image config to carry (the original image's); default
     /// [`default_config`].
     pub config: Option<ImageConfiguration>,
+    /// Blobs of the slacker manifest up to this size are embedded in their descriptors
+    /// as `data` (they are uploaded too); `None`: [`INLINE_MAX_BYTES`]; `Some(0)`: none.
+    /// The plain export never embeds.
+    pub inline_max_bytes: Option<u64>,
 }
 
 impl PushOptions {
@@ -361,6 +381,11 @@ impl PushOptions {
     /// Sets [`config`](Self::config).
     pub fn with_config(mut self, config: ImageConfiguration) -> Self {
         self.config = Some(config);
+        self
+    }
+    /// Sets [`inline_max_bytes`](Self::inline_max_bytes) (0: embed nothing).
+    pub fn with_inline_max_bytes(mut self, max: u64) -> Self {
+        self.inline_max_bytes = Some(max);
         self
     }
 }
@@ -433,6 +458,9 @@ pub struct BlobTransfer {
     pub size: u64,
     /// Whether it crossed the wire (false: the registry, or the local store, had it).
     pub transferred: bool,
+    /// Push: also embedded in the manifest as `data`. Pull: taken from the manifest's
+    /// `data` (no request of its own; its bytes are counted in the manifest's).
+    pub embedded: bool,
 }
 
 /// What a push did.
@@ -505,20 +533,22 @@ pub struct PullReport {
     pub picked_from_index: Option<String>,
     /// The layers, bottom first.
     pub layers: Vec<PulledLayer>,
-    /// Bytes of the index and manifest downloaded.
+    /// Bytes of the index and manifest downloaded (with any blobs they embed).
     pub manifest_bytes: u64,
-    /// Bytes of the config downloaded.
+    /// Bytes of the config downloaded by a request of its own (0 when the manifest
+    /// embedded it).
     pub config_bytes: u64,
     /// The image config (Entrypoint, Cmd, Env, User, WorkingDir, ...).
     pub config: ImageConfiguration,
 }
 
 impl PullReport {
-    /// Layer bytes downloaded.
+    /// Layer bytes downloaded by requests of their own (embedded layers came with the
+    /// manifest, see [`manifest_bytes`](Self::manifest_bytes)).
     pub fn layer_bytes_downloaded(&self) -> u64 {
         self.layers
             .iter()
-            .filter(|l| l.blob.transferred)
+            .filter(|l| l.blob.transferred && !l.blob.embedded)
             .map(|l| l.blob.size)
             .sum()
     }
@@ -873,6 +903,7 @@ impl RegistryClient {
             media_type: media_type.to_owned(),
             size,
             transferred: !exists,
+            embedded: false,
         })
     }
 
@@ -956,22 +987,30 @@ impl RegistryClient {
         } else {
             derive_config(&base, diff_ids, "slacker push")?
         };
-        let (mut report, body) = self.push_parts(&r, layers, cfg, "plain").await?;
+        let (mut report, body) = self.push_parts(&r, layers, cfg, "plain", 0).await?;
         let (digest, n) = self.put_manifest(&r, OCI_IMAGE_MEDIA_TYPE, body).await?;
         report.manifest_digest = digest;
         report.manifest_bytes += n;
         Ok(report)
     }
 
-    /// Uploads layers and config; returns the report so far and the manifest body.
+    /// Uploads layers and config; returns the report so far and the manifest body. Blobs
+    /// up to `inline_max` bytes are also embedded in their descriptors as `data`.
     async fn push_parts(
         &self,
         r: &Reference,
         layers: Vec<PushLayer>,
         config: Vec<u8>,
         kind: &str,
+        inline_max: u64,
     ) -> Result<(PushReport, Vec<u8>)> {
         let mut report = PushReport::default();
+        let embed = |data: &[u8]| {
+            (data.len() as u64 <= inline_max)
+                .then(|| base64::engine::general_purpose::STANDARD.encode(data))
+        };
+        let layer_data: Vec<Option<String>> = layers.iter().map(|l| embed(&l.data)).collect();
+        let config_data = embed(&config);
         // Layers one after the other, the config beside them.
         let layers_up = async {
             let mut out = Vec::new();
@@ -982,17 +1021,34 @@ impl RegistryClient {
         };
         let (layers_up, cfg) =
             tokio::join!(layers_up, self.upload(r, IMAGE_CONFIG_MEDIA_TYPE, config));
-        let (layers_up, cfg) = (layers_up?, cfg?);
+        let (mut layers_up, mut cfg) = (layers_up?, cfg?);
+        let with_data = |mut d: Descriptor, t: &mut BlobTransfer, data: Option<String>| {
+            t.embedded = data.is_some();
+            d.set_data(data);
+            d
+        };
         let descs = layers_up
-            .iter()
-            .map(|t| descriptor(&t.media_type, &t.digest, t.size))
+            .iter_mut()
+            .zip(layer_data)
+            .map(|(t, data)| {
+                Ok(with_data(
+                    descriptor(&t.media_type, &t.digest, t.size)?,
+                    t,
+                    data,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
+        let cfg_desc = with_data(
+            descriptor(IMAGE_CONFIG_MEDIA_TYPE, &cfg.digest, cfg.size)?,
+            &mut cfg,
+            config_data,
+        );
         report.blobs.extend(layers_up);
         report.blobs.push(cfg.clone());
         let mut b = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(descriptor(IMAGE_CONFIG_MEDIA_TYPE, &cfg.digest, cfg.size)?)
+            .config(cfg_desc)
             .layers(descs)
             .annotations(HashMap::from([(
                 KIND_ANNOTATION.to_owned(),
@@ -1034,7 +1090,10 @@ impl RegistryClient {
             vec![layer.diff_id.clone()],
             "slacker: image flattened into a snapshot reference",
         )?;
-        let (mut report, body) = self.push_parts(&r, vec![layer], cfg, "reference").await?;
+        let inline_max = options.inline_max_bytes.unwrap_or(INLINE_MAX_BYTES);
+        let (mut report, body) = self
+            .push_parts(&r, vec![layer], cfg, "reference", inline_max)
+            .await?;
         if !options.plain_export {
             let (digest, n) = self.put_manifest(&r, OCI_IMAGE_MEDIA_TYPE, body).await?;
             report.manifest_digest = digest;
@@ -1093,7 +1152,7 @@ impl RegistryClient {
             vec![layer.diff_id.clone()],
             "slacker: plain export of the flattened image",
         )?;
-        let (plain, plain_body) = self.push_parts(&r, vec![layer], cfg, "plain").await?;
+        let (plain, plain_body) = self.push_parts(&r, vec![layer], cfg, "plain", 0).await?;
         report.blobs.extend(plain.blobs);
         let plain_digest = sha256_digest(&plain_body);
         let plain_size = plain_body.len() as u64;
@@ -1286,11 +1345,16 @@ impl RegistryClient {
         })
     }
 
-    /// Downloads a blob of `image` into memory (digest-verified).
+    /// A blob of `image` in memory, checked against `desc`'s digest: the data `desc`
+    /// embeds (no request; also checked against `desc`'s size), else downloaded.
     ///
     /// # Errors
-    /// `Integrity` for a digest mismatch; `Backend` for registry failures.
+    /// `Integrity` for a digest mismatch, or embedded data that is not base64 or not of
+    /// the descriptor's size; `Backend` for registry failures.
     pub async fn pull_blob(&self, image: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+        if let Some(data) = embedded(desc)? {
+            return Ok(data);
+        }
         let r = parse_ref(image)?;
         let auth = self.prepare(&r).await?;
         let out = if self.open_registry(&r, &auth).await {
@@ -1436,12 +1500,21 @@ impl RegistryClient {
             } else {
                 Blob::Memory(self.pull_blob(image, desc).await?)
             };
-            let (blob, got) = tokio::task::spawn_blocking(move || {
-                let d = diff_id_of(&blob);
-                (blob, d)
-            })
-            .await
-            .map_err(oci_error)?;
+            // A small blob (a 2 KiB reference layer) is hashed here: a thread hand-off
+            // would cost more than the hash.
+            let (blob, got) = match blob {
+                Blob::Memory(v) if v.len() as u64 <= EARLY_LAYER_BYTES => {
+                    let blob = Blob::Memory(v);
+                    let d = diff_id_of(&blob);
+                    (blob, d)
+                }
+                blob => tokio::task::spawn_blocking(move || {
+                    let d = diff_id_of(&blob);
+                    (blob, d)
+                })
+                .await
+                .map_err(oci_error)?,
+            };
             let got = got?;
             if got != diff_ids[i] {
                 return Err(Error::Integrity(format!(
@@ -1456,7 +1529,11 @@ impl RegistryClient {
             manifest_digest: m.digest.clone(),
             picked_from_index: m.picked_from_index.clone(),
             manifest_bytes: m.bytes,
-            config_bytes: config.len() as u64,
+            config_bytes: if m.config.data().is_some() {
+                0
+            } else {
+                config.len() as u64
+            },
             config: cfg,
             ..PullReport::default()
         };
@@ -1484,6 +1561,7 @@ impl RegistryClient {
                     media_type: desc.media_type().to_string(),
                     size: desc.size(),
                     transferred,
+                    embedded: transferred && desc.data().is_some(),
                 },
                 kind,
                 losses,
@@ -1517,6 +1595,41 @@ impl RegistryClient {
             .map_err(|e| Error::backend("oci", e.to_string()))?;
         Ok(file)
     }
+}
+
+/// The blob `desc` embeds as `data`, checked against its size and digest; `None` if it
+/// embeds nothing.
+///
+/// # Errors
+/// `Integrity` for data that is not base64, or not of `desc`'s size or digest.
+fn embedded(desc: &Descriptor) -> Result<Option<Vec<u8>>> {
+    let Some(data) = desc.data() else {
+        return Ok(None);
+    };
+    let bad = |why: String| {
+        Error::Integrity(format!(
+            "the data embedded for blob {} {why}",
+            desc.digest()
+        ))
+    };
+    // Base64 of `size` bytes is about 4/3 of it: refuse more before decoding.
+    if data.len() as u64 > desc.size().saturating_mul(4) / 3 + 4 {
+        return Err(bad(format!("is longer than its {} bytes", desc.size())));
+    }
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| bad(format!("is not base64: {e}")))?;
+    if out.len() as u64 != desc.size() {
+        return Err(bad(format!(
+            "is {} bytes, not the {} its descriptor says",
+            out.len(),
+            desc.size()
+        )));
+    }
+    if sha256_digest(&out) != desc.digest().to_string() {
+        return Err(bad("does not match its digest".to_owned()));
+    }
+    Ok(Some(out))
 }
 
 /// `sha256:` of a layer blob's uncompressed content (its `diff_id`); the blob is

@@ -11,7 +11,9 @@
 //! A trace is an ordinary OCI artifact: an image manifest with `artifactType`
 //! [`TRACE_ARTIFACT_TYPE`], the empty config (`application/vnd.oci.empty.v1+json`), one
 //! layer of media type [`TRACE_MEDIA_TYPE`] (the JSON of [`StartupTrace`]) and a
-//! `subject` naming the image manifest. Nothing is added to the image itself: its
+//! `subject` naming the image manifest; a trace of up to [`INLINE_MAX_BYTES`](crate::INLINE_MAX_BYTES)
+//! is also embedded in its layer descriptor (`data`), which saves a deploy one request.
+//! Nothing is added to the image itself: its
 //! manifest, digest and tags stay as they were, and an image without a trace pulls and
 //! runs as before ([`RegistryClient::pull_trace`] answers `None`).
 //!
@@ -23,6 +25,7 @@
 //! entry is still listed and adds it again if a concurrent pusher overwrote it). Fetching asks the referrers API first and falls back to
 //! the tag (`oci-client`'s `pull_referrers`).
 
+use base64::Engine;
 use oci_client::Reference;
 use oci_client::manifest::{
     ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex,
@@ -280,16 +283,26 @@ impl RegistryClient {
         if new {
             uploaded += cfg_size;
         }
-        let (blob_digest, blob_size, new) = self.upload_blob(&r, trace.encode()).await?;
+        let blob = trace.encode();
+        // A small trace also rides in the manifest (`data`): a deploy then fetches it
+        // with one request fewer.
+        let embedded = (blob.len() as u64 <= crate::INLINE_MAX_BYTES)
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&blob));
+        let (blob_digest, blob_size, new) = self.upload_blob(&r, blob).await?;
         if new {
             uploaded += blob_size;
+        }
+        let mut layer =
+            json!({"mediaType": TRACE_MEDIA_TYPE, "digest": blob_digest, "size": blob_size});
+        if let Some(data) = embedded {
+            layer["data"] = data.into();
         }
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": OCI_IMAGE_MEDIA_TYPE,
             "artifactType": TRACE_ARTIFACT_TYPE,
             "config": {"mediaType": EMPTY_MEDIA_TYPE, "digest": cfg_digest, "size": cfg_size, "data": "e30="},
-            "layers": [{"mediaType": TRACE_MEDIA_TYPE, "digest": blob_digest, "size": blob_size}],
+            "layers": [layer],
             "subject": subject,
         });
         let body = serde_json::to_vec(&manifest).expect("json");
@@ -484,7 +497,11 @@ impl RegistryClient {
                 layer.media_type, layer.size
             )));
         }
-        let desc = crate::descriptor(&layer.media_type, &layer.digest, layer.size as u64)?;
+        let mut desc = crate::descriptor(&layer.media_type, &layer.digest, layer.size as u64)?;
+        // Embedded in the manifest: checked by `pull_blob` against size and digest.
+        if let Some(data) = m["layers"][0]["data"].as_str() {
+            desc.set_data(Some(data.to_owned()));
+        }
         let blob = self.pull_blob(image, &desc).await?;
         if sha256_digest(&blob) != layer.digest {
             return Err(Error::Integrity(format!(

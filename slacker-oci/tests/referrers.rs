@@ -59,6 +59,24 @@ async fn a_trace_is_attached_found_and_leaves_the_image_unchanged() {
     let got = c.pull_trace(&image, &before.digest).await.unwrap().unwrap();
     assert_eq!(got.trace, t1);
     assert_eq!(got.manifest_digest, pushed.manifest_digest);
+    // The small trace rides in its manifest too (`data`), and is a blob as well.
+    let (repo, _) = image.rsplit_once(':').unwrap();
+    let tm = c
+        .pull_manifest(&format!("{repo}@{}", pushed.manifest_digest), "reference")
+        .await
+        .unwrap();
+    let embedded = tm.layers[0].clone();
+    assert!(embedded.data().is_some(), "{embedded:?}");
+    let mut blob = embedded.clone();
+    blob.set_data(None);
+    assert_eq!(
+        c.pull_blob(&image, &blob).await.unwrap(),
+        c.pull_blob(&image, &embedded).await.unwrap()
+    );
+    assert_eq!(
+        StartupTrace::decode(&c.pull_blob(&image, &blob).await.unwrap()).unwrap(),
+        t1
+    );
 
     // The fallback tag is an image index listing the artifact with its artifactType.
     // Read it as any registry client would (curl: the test does not reach into slacker-oci).

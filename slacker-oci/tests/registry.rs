@@ -339,3 +339,129 @@ fn tar_of_one(name: &str, data: &[u8]) -> Vec<u8> {
     t.append_data(&mut h, name, data).unwrap();
     t.into_inner().unwrap()
 }
+
+/// `curl` with `args`; its stdout (panics on failure).
+fn curl(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("curl")
+        .arg("-fsS")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A slacker manifest embeds its config and reference layer as `data`, and also pushes
+/// them as blobs (for clients that ignore `data`). A pull takes them from the manifest,
+/// checked like downloaded blobs: embedded data of the wrong bytes, the wrong size or
+/// not base64 is an `Integrity` error and nothing is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_blobs_are_used_and_checked_like_downloaded_ones() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let Some(addr) = registry() else { return };
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let pusher = store(&b, d.path(), "push", 4 << 20).await;
+    let v = pusher.create("img", None).await.unwrap();
+    b.write_at(&v, 0, &content(64 << 10, 9)).await.unwrap();
+    let image = image(&addr, "embedded", "v1");
+    let c = client();
+    let pushed = c
+        .push_image(&pusher, "img", &image, &PushOptions::default())
+        .await
+        .unwrap();
+    assert!(pushed.blobs.iter().all(|t| t.embedded), "{pushed:?}");
+
+    // Embedded and pushed: the blob fetched without `data` is the embedded one.
+    let m = c.pull_manifest(&image, "reference").await.unwrap();
+    for desc in std::iter::once(&m.config).chain(&m.layers) {
+        let data = desc.data().clone().expect("embedded");
+        let mut plain = desc.clone();
+        plain.set_data(None);
+        assert_eq!(
+            c.pull_blob(&image, &plain).await.unwrap(),
+            b64.decode(data).unwrap()
+        );
+    }
+    let dw = tempfile::tempdir().unwrap();
+    let w = store(&b, dw.path(), "good", 4 << 20).await;
+    let pulled = c.pull_image(&w, &image).await.unwrap();
+    assert!(pulled.layers[0].blob.embedded && pulled.layers[0].blob.transferred);
+    assert_eq!(pulled.layer_bytes_downloaded(), 0, "{pulled:?}");
+    assert_eq!(pulled.config_bytes, 0);
+    assert_eq!(pulled.config.rootfs().diff_ids().len(), 1);
+
+    // Hostile manifests: the same blobs in the registry, lying `data`.
+    let (host_repo, _) = image.rsplit_once(':').unwrap();
+    let repo = host_repo.split_once('/').unwrap().1;
+    let url = |name: &str| format!("http://{addr}/v2/{repo}/manifests/{name}");
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let raw = curl(&["-H", &format!("Accept: {mt}"), &url(&m.digest)]);
+    let good: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let layer = b64
+        .decode(good["layers"][0]["data"].as_str().unwrap())
+        .unwrap();
+    let mut other = layer.clone();
+    other[100] ^= 1;
+    let config = b64
+        .decode(good["config"]["data"].as_str().unwrap())
+        .unwrap();
+    let other_config = String::from_utf8(config)
+        .unwrap()
+        .replacen("\"linux\"", "\"LINUX\"", 1);
+    assert!(other_config.contains("LINUX"));
+    let cases: [(&str, &str, String); 5] = [
+        (
+            "layers",
+            "another layer of the same size",
+            b64.encode(&other),
+        ),
+        (
+            "layers",
+            "the layer one byte short",
+            b64.encode(&layer[1..]),
+        ),
+        ("layers", "not base64", "!!not base64!!".to_owned()),
+        (
+            "layers",
+            "far longer than the size",
+            b64.encode(vec![0u8; 64 << 10]),
+        ),
+        ("config", "another valid config", b64.encode(other_config)),
+    ];
+    for (i, (field, what, data)) in cases.into_iter().enumerate() {
+        let mut bad = good.clone();
+        if field == "config" {
+            bad["config"]["data"] = data.into();
+        } else {
+            bad["layers"][0]["data"] = data.into();
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), serde_json::to_vec(&bad).unwrap()).unwrap();
+        let tag = format!("bad{i}");
+        curl(&[
+            "-X",
+            "PUT",
+            "-o",
+            "/dev/null",
+            "-H",
+            &format!("Content-Type: {mt}"),
+            "--data-binary",
+            &format!("@{}", f.path().display()),
+            &url(&tag),
+        ]);
+        let dw = tempfile::tempdir().unwrap();
+        let w = store(&b, dw.path(), &format!("bad{i}"), 4 << 20).await;
+        let err = c
+            .pull_image(&w, &format!("{host_repo}:{tag}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{what}: {err}");
+        assert!(w.list().await.is_empty(), "{what}: something was recorded");
+    }
+}
