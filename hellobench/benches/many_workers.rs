@@ -36,8 +36,15 @@
 //! sudo -E cargo bench -p slacker-hellobench --bench many_workers -- \
 //!     [--backends rbd,nfs] [--workers 1,2,4,8] [--reps 3] [--image-mib 128] \
 //!     [--startup-mib 4] [--rate 1gbit] [--latency-us 200] [--link shared,per-worker] \
-//!     [--no-trace] [--ceph-debug-logs] [--keep-cluster]
+//!     [--no-trace] [--ceph-debug-logs] [--keep-cluster] [--phase-ops] \
+//!     [--client-conf key=value,...] [--osd-conf key=value,...]
 //! ```
+//!
+//! RBD rows also give the OSD's client ops per deploy (its `osd.op` perf counter, read
+//! from its admin socket before and after each round); `--phase-ops` splits one
+//! deploy's ops into clone, open and reads (at N = 1). `--client-conf` and `--osd-conf`
+//! set Ceph options of the workers' clients (a conf file read before connecting) or of
+//! the OSD (restarted to read them), for A/B runs.
 //!
 //! Needs root (namespaces, veth, tc). RBD: a throw-away cluster of
 //! `slacker-backend-rbd/cluster/start.sh` listening on the bridge (`/tmp/slacker-mw-ceph`,
@@ -241,6 +248,24 @@ fn find_pid(needles: &[&str]) -> Option<u32> {
     None
 }
 
+/// Client ops the OSD has served so far: `osd.op` of its perf counters, read from its
+/// admin socket (`{"prefix": "perf dump"}`, answered as a 4-byte big-endian length and
+/// JSON). Reading them is no OSD op.
+fn osd_ops(asok: &str) -> Res<u64> {
+    let mut s =
+        std::os::unix::net::UnixStream::connect(asok).map_err(|e| format!("{asok}: {e}"))?;
+    s.write_all(b"{\"prefix\": \"perf dump\"}\0")
+        .map_err(|e| e.to_string())?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| e.to_string())?;
+    v["osd"]["op"]
+        .as_u64()
+        .ok_or_else(|| format!("{asok}: no osd.op counter"))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -283,6 +308,8 @@ struct Job {
     latency_us: u64,
     /// Deploy as `slacker_oci::deploy` with a trace: read-ahead off, trace prefetched.
     use_trace: bool,
+    /// The OSD's admin socket: count its ops per phase (meaningful with one worker).
+    osd_asok: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -300,6 +327,8 @@ struct WorkerResult {
     cpu_ms: u64,
     /// The same by thread name (digits dropped), threads alive at the end.
     threads: Vec<(String, u64)>,
+    /// OSD ops during the clone, the open and the reads (with `Job::osd_asok`).
+    osd_ops: Option<[u64; 3]>,
 }
 
 async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
@@ -324,12 +353,15 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
     let me = std::process::id();
     let cpu0 = cpu_ms(me)?;
     let threads0 = thread_ticks();
+    let ops = || job.osd_asok.as_deref().map(osd_ops).transpose();
+    let mut ops_at = vec![ops()?];
     b.reset();
     let t = Instant::now();
     b.clone_snapshot(&snap, &vol)
         .await
         .map_err(|e| e.to_string())?;
     let clone_ms = t.elapsed().as_secs_f64() * 1000.0;
+    ops_at.push(ops()?);
     let dynb: Arc<dyn Backend> = b.clone();
     // What `slacker_oci::deploy` does for an image with a trace: blind read-ahead off,
     // the trace's blocks prefetched in the background (default parallelism).
@@ -341,6 +373,7 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
         .await
         .map_err(|e| e.to_string())?;
     let open_ms = t.elapsed().as_secs_f64() * 1000.0 - clone_ms;
+    ops_at.push(ops()?);
     let prefetch = job.use_trace.then(|| {
         let bs = lazy.block_size().bytes();
         lazy.prefetch(job.trace.iter().map(|&(off, len)| {
@@ -357,6 +390,11 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
             .map_err(|e| e.to_string())?;
     }
     let cpu_ms = cpu_ms(me)?.saturating_sub(cpu0);
+    ops_at.push(ops()?);
+    let osd_ops = match ops_at[..] {
+        [Some(a), Some(b), Some(c), Some(d)] => Some([b - a, c - b, d - c]),
+        _ => None,
+    };
     // Threads that ended during the deploy are missing here (their CPU is in cpu_ms).
     let hz = cpu_ms_per_tick();
     let threads = thread_ticks()
@@ -378,6 +416,7 @@ async fn deploy<B: Backend + 'static>(b: B, job: &Job) -> Res<WorkerResult> {
         reads_ms: deploy_ms - clone_ms - open_ms,
         cpu_ms,
         threads,
+        osd_ops,
     })
 }
 
@@ -445,6 +484,12 @@ struct Args {
     use_trace: bool,
     ceph_quiet: bool,
     keep_cluster: bool,
+    /// Count OSD ops per phase of a deploy (N = 1).
+    phase_ops: bool,
+    /// Ceph options for the workers' clients (`key=value`), for A/B runs.
+    client_conf: Vec<String>,
+    /// Ceph options for the OSD (`key=value`), for A/B runs.
+    osd_conf: Vec<String>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -460,6 +505,9 @@ fn parse_args() -> Res<Args> {
         use_trace: true,
         ceph_quiet: true,
         keep_cluster: false,
+        phase_ops: false,
+        client_conf: Vec::new(),
+        osd_conf: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -490,6 +538,18 @@ fn parse_args() -> Res<Args> {
             "--no-trace" => a.use_trace = false,
             "--ceph-debug-logs" => a.ceph_quiet = false,
             "--keep-cluster" => a.keep_cluster = true,
+            "--phase-ops" => a.phase_ops = true,
+            "--client-conf" | "--osd-conf" => {
+                let kvs: Vec<String> = val()?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = kvs.iter().find(|kv| !kv.contains('=')) {
+                    return Err(format!("bad {k} {bad} (key=value,...)"));
+                }
+                if k == "--osd-conf" {
+                    a.osd_conf = kvs;
+                } else {
+                    a.client_conf = kvs;
+                }
+            }
             // cargo bench passes --bench
             "--bench" => {}
             other => return Err(format!("unknown argument {other}")),
@@ -500,22 +560,52 @@ fn parse_args() -> Res<Args> {
 
 /// The cluster's config and its storage server processes (OSD, monitor, manager).
 /// `quiet`: Ceph's debug logging off, daemons and clients.
-fn rbd_cluster(quiet: bool) -> Res<(RbdConfig, Vec<(String, u32)>)> {
+/// `client_conf`: `key=value` options every client reads from a conf file of its own
+/// (before it connects: thread counts cannot come from the monitor's config database).
+/// `osd_conf`: `key=value` options of the OSD (in the monitor's config database; the OSD
+/// is restarted to read them).
+fn rbd_cluster(
+    quiet: bool,
+    client_conf: &[String],
+    osd_conf: &[String],
+) -> Res<(RbdConfig, Vec<(String, u32)>)> {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../slacker-backend-rbd/cluster/start.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("CEPH_DIR", RBD_DIR)
-        .env("MON_PORT", RBD_PORT)
-        .env("MON_IP", BRIDGE_IP)
-        .env("PUBLIC_NET", NET)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} failed", script.display()));
+    // Starts what is not running (the script is idempotent) and waits until it is ready.
+    let start = || -> Res<String> {
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("CEPH_DIR", RBD_DIR)
+            .env("MON_PORT", RBD_PORT)
+            .env("MON_IP", BRIDGE_IP)
+            .env("PUBLIC_NET", NET)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("{}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed", script.display()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let stdout = start()?;
+    if !osd_conf.is_empty() {
+        let conf = format!("{RBD_DIR}/osd.conf");
+        std::fs::write(&conf, format!("[osd]\n{}\n", osd_conf.join("\n")))
+            .map_err(|e| e.to_string())?;
+        let ceph_conf = format!("{RBD_DIR}/ceph.conf");
+        run(
+            "ceph",
+            &["-c", &ceph_conf, "config", "assimilate-conf", "-i", &conf],
+        )?;
+        let pid =
+            std::fs::read_to_string(format!("{RBD_DIR}/run/osd.pid")).map_err(|e| e.to_string())?;
+        let pid = pid.trim();
+        run("kill", &[pid])?;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        start()?;
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
     let get = |k: &str| {
         stdout
             .lines()
@@ -525,6 +615,15 @@ fn rbd_cluster(quiet: bool) -> Res<(RbdConfig, Vec<(String, u32)>)> {
     let mut c = RbdConfig::new(get("SLACKER_RBD_MON").ok_or("no monitors printed")?);
     c.keyring = get("SLACKER_RBD_KEYRING").filter(|k| !k.is_empty());
     c.namespace = Some(format!("mw-{}", std::process::id()));
+    if !client_conf.is_empty() {
+        let conf = format!("{RBD_DIR}/client.conf");
+        let mut text = String::from("[global]\n");
+        for kv in client_conf {
+            text.push_str(&format!("{kv}\n"));
+        }
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+        c.conf_file = Some(conf);
+    }
     if quiet {
         // Debug logging off (Ceph gathers levels up to 5 in memory by default: CPU on
         // every op), in the monitor's config database: daemons apply it at once and
@@ -624,6 +723,10 @@ struct Row {
     requests_per_worker_mean: u64,
     /// Per server process: CPU ms per round.
     server_cpu_ms_per_round: Vec<(String, f64)>,
+    /// OSD client ops per deploy (RBD).
+    osd_ops_per_deploy: Option<f64>,
+    /// OSD ops of one deploy's clone, open and reads (`--phase-ops`, N = 1 only).
+    osd_ops_phases: Option<[f64; 3]>,
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -638,6 +741,7 @@ async fn measure(
     admin: &dyn Backend,
     job_base: &Job,
     server: &[(String, u32)],
+    osd_asok: Option<&str>,
 ) -> Res<Vec<Row>> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let size = args.image_mib << 20;
@@ -646,6 +750,7 @@ async fn measure(
     let lname = link.name();
     for &n in &args.workers {
         let (mut results, mut cpu) = (Vec::new(), vec![0u64; server.len()]);
+        let mut ops = 0;
         for rep in 0..args.reps {
             let img = format!("img-{lname}-{n}-{rep}");
             let snap = push(admin, &img, args.image_mib).await?;
@@ -657,6 +762,9 @@ async fn measure(
                 job.volume = format!("w-{lname}-{n}-{rep}-{i}");
                 job.trace = trace.clone();
                 job.start_at_ms = start_at;
+                job.osd_asok = osd_asok
+                    .filter(|_| args.phase_ops && n == 1)
+                    .map(str::to_owned);
                 let json = serde_json::to_string(&job).map_err(|e| e.to_string())?;
                 let child = Command::new("ip")
                     .args(["netns", "exec", &netns(i)])
@@ -684,6 +792,7 @@ async fn measure(
                 .iter()
                 .map(|(_, p)| cpu_ms(*p))
                 .collect::<Res<Vec<_>>>()?;
+            let ops0 = osd_asok.map(osd_ops).transpose()?;
             for c in &mut children {
                 let mut stdin = c.stdin.take().unwrap();
                 stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
@@ -701,6 +810,9 @@ async fn measure(
             }
             for (k, (_, p)) in server.iter().enumerate() {
                 cpu[k] += cpu_ms(*p)?.saturating_sub(cpu0[k]);
+            }
+            if let (Some(a), Some(o0)) = (osd_asok, ops0) {
+                ops += osd_ops(a)? - o0;
             }
             let last: Vec<String> = results[results.len() - n..]
                 .iter()
@@ -746,6 +858,12 @@ async fn measure(
                 .zip(&cpu)
                 .map(|((name, _), c)| (name.clone(), *c as f64 / args.reps as f64))
                 .collect(),
+            osd_ops_per_deploy: osd_asok.map(|_| ops as f64 / results.len().max(1) as f64),
+            osd_ops_phases: {
+                let p: Vec<[u64; 3]> = results.iter().filter_map(|r| r.osd_ops).collect();
+                (!p.is_empty())
+                    .then(|| std::array::from_fn(|k| mean(p.iter().map(|x| x[k] as f64))))
+            },
         });
     }
     Ok(rows)
@@ -770,11 +888,12 @@ async fn measure_links(
     admin: &dyn Backend,
     job: &Job,
     server: &[(String, u32)],
+    osd_asok: Option<&str>,
 ) -> Res<Vec<Row>> {
     let mut rows = Vec::new();
     for &link in &args.links {
         shape(link, nmax, &args.rate)?;
-        rows.extend(measure(args, link, kind, admin, job, server).await?);
+        rows.extend(measure(args, link, kind, admin, job, server, osd_asok).await?);
     }
     clean(admin).await?;
     Ok(rows)
@@ -797,12 +916,14 @@ async fn coordinator(args: Args) -> Res<()> {
         start_at_ms: 0,
         latency_us: args.latency_us,
         use_trace: args.use_trace,
+        osd_asok: None,
     };
     let result = async {
         for kind in &args.backends {
             match kind.as_str() {
                 "rbd" => {
-                    let (cfg, server) = rbd_cluster(args.ceph_quiet)?;
+                    let (cfg, server) =
+                        rbd_cluster(args.ceph_quiet, &args.client_conf, &args.osd_conf)?;
                     let admin = RbdBuilder::from_config(cfg.clone())
                         .build()
                         .await
@@ -812,7 +933,11 @@ async fn coordinator(args: Args) -> Res<()> {
                         rbd: Some(cfg),
                         ..job.clone()
                     };
-                    rows.extend(measure_links(&args, nmax, "rbd", &admin, &job, &server).await?);
+                    let asok = format!("{RBD_DIR}/run/ceph-osd.0.asok");
+                    rows.extend(
+                        measure_links(&args, nmax, "rbd", &admin, &job, &server, Some(&asok))
+                            .await?,
+                    );
                 }
                 "nfs" => {
                     let addr = std::env::var("SLACKER_NFS_ADDR")
@@ -840,7 +965,9 @@ async fn coordinator(args: Args) -> Res<()> {
                         ..job.clone()
                     };
                     let server = [("qemu".to_owned(), qemu)];
-                    rows.extend(measure_links(&args, nmax, "nfs", &admin, &job, &server).await?);
+                    rows.extend(
+                        measure_links(&args, nmax, "nfs", &admin, &job, &server, None).await?,
+                    );
                 }
                 k => return Err(format!("unknown backend {k}")),
             }
@@ -862,7 +989,8 @@ async fn coordinator(args: Args) -> Res<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "many workers: image {} MiB, startup reads {} MiB, link {} (tbf) + {} us per call, \
-         deploy {}, ceph debug logs {}, {} reps; load at end {}",
+         deploy {}, ceph debug logs {}, client conf {:?}, osd conf {:?}, {} reps; \
+         load at end {}",
         args.image_mib,
         args.startup_mib,
         args.rate,
@@ -873,6 +1001,8 @@ async fn coordinator(args: Args) -> Res<()> {
             "without trace (read-ahead on)"
         },
         if args.ceph_quiet { "off" } else { "default" },
+        args.client_conf,
+        args.osd_conf,
         args.reps,
         load.trim()
     );
@@ -907,6 +1037,20 @@ async fn coordinator(args: Args) -> Res<()> {
             r.bytes_per_worker_max as f64 / 1e6,
             r.requests_per_worker_mean,
             server.join(" + ")
+        );
+    }
+    println!("OSD client ops per deploy (clone / open / reads of one deploy with --phase-ops):");
+    for r in rows.iter().filter(|r| r.osd_ops_per_deploy.is_some()) {
+        let phases = r
+            .osd_ops_phases
+            .map(|[c, o, d]| format!(" ({c:.0} / {o:.0} / {d:.0})"))
+            .unwrap_or_default();
+        println!(
+            "  {} {} N={}: {:.0}{phases}",
+            r.backend,
+            r.link,
+            r.workers,
+            r.osd_ops_per_deploy.unwrap_or(0.0)
         );
     }
     println!("worker CPU per deploy by thread (mean ms; threads alive at the end):");

@@ -13,7 +13,8 @@
 #      WAIT_CLEAN=1 (also wait until the mgr reports all PGs active+clean)
 # Clients: export CEPH_CONF=$CEPH_DIR/ceph.conf  (rbd, rados, ceph, librados/librbd all honour it)
 # The last lines on stdout are the settings the tests read:
-#   SLACKER_RBD_MON=127.0.0.1:<port>  SLACKER_RBD_KEYRING=<file>  CEPH_DIR=<dir>
+#   SLACKER_RBD_MON=127.0.0.1:3300 (other ports: [v2:ip:port,v1:ip:port+1])
+#   SLACKER_RBD_KEYRING=<file>  CEPH_DIR=<dir>
 set -euo pipefail
 
 CEPH_DIR=${CEPH_DIR:-/tmp/slacker-rbd-cluster}
@@ -213,6 +214,9 @@ if [ "${WAIT_CLEAN:-0}" = 1 ]; then
   ts "mgr reports: $ST"
 fi
 echo "export CEPH_CONF=$CONF" >&2
-echo "SLACKER_RBD_MON=$MON_IP:$MON_PORT"
+# A bare ip:port is taken as msgr2 only for 3300: for any other port name both protocols (with
+# a bare 127.0.0.1:3615, a client with a refused key timed out instead of failing EACCES).
+if [ "$MON_PORT" = 3300 ]; then echo "SLACKER_RBD_MON=$MON_IP:$MON_PORT"
+else echo "SLACKER_RBD_MON=[v2:$MON_IP:$MON_PORT,v1:$MON_IP:$MON_V1_PORT]"; fi
 if [ "$CEPH_AUTH" = cephx ]; then echo "SLACKER_RBD_KEYRING=$CEPH_DIR/keyring"; else echo "SLACKER_RBD_KEYRING="; fi
 echo "CEPH_DIR=$CEPH_DIR"

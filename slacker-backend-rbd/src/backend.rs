@@ -58,6 +58,11 @@ struct Inner {
     snaps: Mutex<HashMap<String, Arc<Snap>>>,
     /// The origin of each clone image, by image id (it never changes: no flattening).
     origins: Mutex<HashMap<String, Option<SnapshotId>>>,
+    /// The block size of images whose size is set, by image id: recorded at creation,
+    /// else inherited from the parent, which never changes. Saves opening the parent
+    /// chain of every clone (an `rbd_open` is a dozen OSD ops and most of a deploy's
+    /// client CPU).
+    block_sizes: Mutex<HashMap<String, BlockSize>>,
 }
 
 #[derive(Debug)]
@@ -254,34 +259,69 @@ impl Inner {
 
     /// The block size recorded in the image's metadata, else its parent's, else 4 KiB.
     fn block_size_of(&self, image: &Image, what: &str) -> Result<BlockSize> {
-        let mut depth = 0;
-        let mut owned: Option<Image> = None;
-        loop {
-            let img = owned.as_ref().unwrap_or(image);
-            if let Some(v) =
-                self.call("rbd_metadata_get", what, img.metadata_get(META_BLOCK_SIZE))?
-            {
-                return v
-                    .parse::<u32>()
-                    .ok()
-                    .and_then(|b| BlockSize::new(b).ok())
-                    .ok_or_else(|| {
-                        RbdError::Metadata {
-                            image: what.to_owned(),
-                            key: META_BLOCK_SIZE.to_owned(),
-                            value: v.clone(),
-                        }
-                        .into()
-                    });
-            }
-            match self.call("rbd_get_parent", what, img.parent())? {
-                Some(p) if depth < 64 => {
-                    owned = Some(self.open(OpenBy::Id(&p.image_id), None, true)?);
-                    depth += 1;
-                }
-                _ => return Ok(BlockSize::DEFAULT),
-            }
+        if let Some(bs) = self.block_size_meta(image, what)? {
+            return Ok(bs);
         }
+        match self.call("rbd_get_parent", what, image.parent())? {
+            Some(p) => self.image_block_size(&p.image_id, what),
+            None => Ok(BlockSize::DEFAULT),
+        }
+    }
+
+    /// The block size in an image's own metadata, if any.
+    fn block_size_meta(&self, image: &Image, what: &str) -> Result<Option<BlockSize>> {
+        let Some(v) = self.call(
+            "rbd_metadata_get",
+            what,
+            image.metadata_get(META_BLOCK_SIZE),
+        )?
+        else {
+            return Ok(None);
+        };
+        v.parse::<u32>()
+            .ok()
+            .and_then(|b| BlockSize::new(b).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                RbdError::Metadata {
+                    image: what.to_owned(),
+                    key: META_BLOCK_SIZE.to_owned(),
+                    value: v.clone(),
+                }
+                .into()
+            })
+    }
+
+    /// The block size of the image with id `image_id` (a parent, or a snapshot's image:
+    /// its size is set), from the cache or by walking its parent chain; every image of
+    /// the walk is cached with the answer (they inherit it).
+    fn image_block_size(&self, image_id: &str, what: &str) -> Result<BlockSize> {
+        let mut walked: Vec<String> = Vec::new();
+        let mut next = Some(image_id.to_owned());
+        let bs = loop {
+            let Some(id) = next.take() else {
+                break BlockSize::DEFAULT;
+            };
+            if let Some(bs) = lock(&self.block_sizes).get(&id) {
+                break *bs;
+            }
+            if walked.len() >= 64 {
+                break BlockSize::DEFAULT;
+            }
+            let img = self.open(OpenBy::Id(&id), None, true)?;
+            walked.push(id);
+            if let Some(bs) = self.block_size_meta(&img, what)? {
+                break bs;
+            }
+            next = self
+                .call("rbd_get_parent", what, img.parent())?
+                .map(|p| p.image_id);
+        };
+        let mut cache = lock(&self.block_sizes);
+        for id in walked {
+            cache.insert(id, bs);
+        }
+        Ok(bs)
     }
 
     /// The snapshot a clone image was made from (`None` for an image without parent).
@@ -325,7 +365,16 @@ impl Inner {
             .map_err(|e| on(ObjectKind::Snapshot, id.as_str(), e))?;
         let what = id.to_string();
         let size = self.call("rbd_get_size", &what, image.size())?;
-        let block_size = self.block_size_of(&image, &what)?;
+        // The snapshot's image has the same block size (metadata is the image's).
+        let cached = lock(&self.block_sizes).get(&image_id).copied();
+        let block_size = match cached {
+            Some(bs) => bs,
+            None => {
+                let bs = self.block_size_of(&image, &what)?;
+                lock(&self.block_sizes).insert(image_id.clone(), bs);
+                bs
+            }
+        };
         let s = Arc::new(Snap {
             image,
             image_id,
@@ -542,6 +591,7 @@ impl RbdBackend {
                 vols: Mutex::new(HashMap::new()),
                 snaps: Mutex::new(HashMap::new()),
                 origins: Mutex::new(HashMap::new()),
+                block_sizes: Mutex::new(HashMap::new()),
             }),
         };
         b.gc(grace).await?;
@@ -662,7 +712,13 @@ fn connect(config: &RbdConfig) -> Result<(Arc<Cluster>, Arc<IoCtx>)> {
     let ns = config.namespace.clone().unwrap_or_default();
     loop {
         let (cluster, cached) = shared_client(&key, || {
-            Cluster::connect(&config.user, config.conf_file.as_deref(), &opts).map_err(connect_err)
+            Cluster::connect(
+                &config.user,
+                CLIENT_DEFAULTS,
+                config.conf_file.as_deref(),
+                &opts,
+            )
+            .map_err(connect_err)
         })?;
         if !ns.is_empty() {
             let root = IoCtx::open(Arc::clone(&cluster), &config.pool, "").map_err(pool_err)?;
@@ -688,6 +744,14 @@ fn connect(config: &RbdConfig) -> Result<(Arc<Cluster>, Arc<IoCtx>)> {
         return Ok((cluster, Arc::new(io)));
     }
 }
+
+/// Client settings a [`RbdConfig::conf_file`] may override: one messenger thread and one
+/// asio thread (Ceph's defaults are 3 and 2). A slacker host reads a few MB per deploy;
+/// handing each op between more threads only costs CPU: measured with 8 workers deploying
+/// at once on 2 cores (hellobench `many_workers`, issue 15), a deploy's client CPU fell
+/// 10-18% and no phase got slower.
+const CLIENT_DEFAULTS: &[(&str, &str)] =
+    &[("ms_async_op_threads", "1"), ("librados_thread_count", "1")];
 
 /// `ESHUTDOWN`: what the OSDs and monitors answer a blocklisted client.
 const EBLOCKLISTED: Errno = 108;
@@ -859,18 +923,20 @@ impl Backend for RbdBackend {
             let (image_id, hex) = parse_snap(&snapshot)?;
             let sname = format!("{SNAP}{hex}");
             let child = vol_name(&new);
-            let not_found = || Error::not_found(ObjectKind::Snapshot, &snapshot);
             let mut tries = 0;
             loop {
-                let parent = i
-                    .open(OpenBy::Id(&image_id), None, true)
-                    .map_err(|e| on(ObjectKind::Snapshot, snapshot.as_str(), e))?;
-                if !i.call("rbd_snap_exists", &sname, parent.snap_exists(&sname))? {
-                    return Err(not_found());
-                }
-                let pname = i.call("rbd_get_name", &image_id, parent.name())?;
+                // The parent's handle at the snapshot (opening it fails with NotFound
+                // if the snapshot is gone), the one the clone's clean reads go through
+                // next: opened once per snapshot and process, not once per clone.
+                let parent = i.snap(&snapshot)?;
+                let pname = i.call("rbd_get_name", &image_id, parent.image.name())?;
+                // Metadata is read at the image's head, whatever snapshot the handle is at.
                 let copied_holds = !i
-                    .call("rbd_metadata_list", &pname, parent.metadata_keys(META_HOLD))?
+                    .call(
+                        "rbd_metadata_list",
+                        &pname,
+                        parent.image.metadata_keys(META_HOLD),
+                    )?
                     .is_empty();
                 drop(parent);
                 i.point("rbd_clone3")?;
@@ -893,10 +959,14 @@ impl Backend for RbdBackend {
                     }
                     Err(EEXIST) => return Err(Error::already_exists(ObjectKind::Volume, &new)),
                     // The parent was renamed (its volume removed) or is between trash
-                    // and restore: look it up again.
+                    // and restore, or the snapshot is gone (the cached handle is
+                    // stale): look both up again.
                     Err(ENOENT) if tries < 50 => {
                         tries += 1;
-                        std::thread::sleep(Duration::from_millis(20));
+                        lock(&i.snaps).remove(snapshot.key());
+                        if tries > 1 {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
                     }
                     Err(e) => {
                         return Err(on(

@@ -59,7 +59,9 @@ pub struct RbdConfig {
     /// (a cluster with `auth client required = none`).
     #[serde(default)]
     pub keyring: Option<String>,
-    /// A `ceph.conf` to read before the settings above (optional).
+    /// A `ceph.conf` to read before the settings above (optional). It may override the
+    /// client's thread counts, which default to one messenger thread
+    /// (`ms_async_op_threads = 1`) and one asio thread (`librados_thread_count = 1`).
     #[serde(default)]
     pub conf_file: Option<String>,
     /// The pool (it must exist and be `rbd pool init`ed). Default `rbd`.

@@ -112,6 +112,72 @@ async fn hold_racing_removal_exactly_one_wins_and_holds_are_seen_everywhere() {
     assert!(a.list_snapshots().await.unwrap().contains(&s));
 }
 
+/// A host clones through the parent's handle it opened at the snapshot for an earlier
+/// clone (and keeps for reads): when another host has since renamed the parent (its
+/// volume removed) or removed the snapshot, the clone looks both up again, and a hold
+/// placed after the handle was opened is still not copied into the clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_through_a_kept_parent_handle_sees_other_hosts_changes() {
+    let Some(h) = support::harness_for("kept") else {
+        return;
+    };
+    let ns = h.fresh_namespace();
+    let (a, b) = (h.open_as(&ns, "a").await, h.open_as(&ns, "b").await);
+    let bs = BlockSize::new(512).unwrap();
+    let v = vid("base");
+    a.create_volume(&v, &VolumeOptions::new(1 << 20).with_block_size(bs))
+        .await
+        .unwrap();
+    a.write_at(&v, 0, b"base").await.unwrap();
+    let s = a.snapshot(&v).await.unwrap();
+    a.clone_snapshot(&s, &vid("c1")).await.unwrap();
+    assert_eq!(&a.read_snapshot_at(&s, 0, 4).await.unwrap()[..], b"base");
+
+    // Another host holds the snapshot: the hold is image metadata, which RBD copies into
+    // a clone; the clone must drop it.
+    b.hold_snapshot(&s, "layer").await.unwrap();
+    a.clone_snapshot(&s, &vid("c2")).await.unwrap();
+    if h.cluster.dir.is_some() {
+        let meta = support::cli(
+            &h.cluster,
+            "rbd",
+            &[
+                "image-meta",
+                "list",
+                "--pool",
+                "rbd",
+                "--namespace",
+                &ns,
+                "v.c2",
+            ],
+        )
+        .unwrap();
+        assert!(
+            !meta.contains("slacker.hold."),
+            "hold copied into c2: {meta}"
+        );
+    }
+    b.release_snapshot(&s, "layer").await.unwrap();
+
+    // Another host removes the parent volume (renamed; its snapshot lives on).
+    b.remove_volume(&v).await.unwrap();
+    a.clone_snapshot(&s, &vid("c3")).await.unwrap();
+    let st = a.stat_volume(&vid("c3")).await.unwrap();
+    assert_eq!((st.block_size, st.origin.as_ref()), (bs, Some(&s)));
+    assert_eq!(&a.read_at(&vid("c3"), 0, 4).await.unwrap()[..], b"base");
+
+    // Another host removes the snapshot: the clone fails as for an unknown snapshot and
+    // leaves nothing behind.
+    b.remove_snapshot(&s).await.unwrap();
+    let e = a.clone_snapshot(&s, &vid("c4")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let vols = b.list_volumes().await.unwrap();
+    assert_eq!(vols, vec![vid("c1"), vid("c2"), vid("c3")]);
+    for c in ["c1", "c2", "c3"] {
+        assert_eq!(&b.read_at(&vid(c), 0, 4).await.unwrap()[..], b"base");
+    }
+}
+
 /// Not a test on its own: the crashed writer of `crashed_writers_lock_is_broken_at_once`
 /// (runs only when the parent sets `SLACKER_RBD_CHILD_NS`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

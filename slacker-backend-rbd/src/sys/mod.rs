@@ -69,10 +69,12 @@ unsafe impl Send for Cluster {}
 unsafe impl Sync for Cluster {}
 
 impl Cluster {
-    /// `rados_create(user)`, then `rados_conf_read_file(conf_file)` if given, then each
-    /// `rados_conf_set(key, value)`, then `rados_connect`.
+    /// `rados_create(user)`, then `rados_conf_set(key, value)` of each of `defaults`, then
+    /// `rados_conf_read_file(conf_file)` if given (which may override them), then each
+    /// `rados_conf_set(key, value)` of `options`, then `rados_connect`.
     pub fn connect(
         user: &str,
+        defaults: &[(&str, &str)],
         conf_file: Option<&str>,
         options: &[(&str, String)],
     ) -> Result<Self, Errno> {
@@ -82,6 +84,12 @@ impl Cluster {
         // outlives the call.
         check(unsafe { rados_create(&mut raw, user.as_ptr()) })?;
         let c = Cluster { raw };
+        for (k, v) in defaults {
+            let (k, v) = (cstr(k)?, cstr(v)?);
+            // SAFETY: `c.raw` was created above and is not connected yet; key and value
+            // are valid NUL-terminated strings.
+            check(unsafe { rados_conf_set(c.raw, k.as_ptr(), v.as_ptr()) })?;
+        }
         if let Some(path) = conf_file {
             let path = cstr(path)?;
             // SAFETY: `c.raw` was created above and is not connected yet; `path` is valid.
