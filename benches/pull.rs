@@ -154,7 +154,10 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
     let first_client = RegistryClient::new(ClientOptions::plain_http());
     let (w, _) = store(b.clone(), &meta.join("first-u"), "first-u").await;
     let t = Instant::now();
-    first_client.pull_image(&w, &unembedded).await.expect("pull");
+    first_client
+        .pull_image(&w, &unembedded)
+        .await
+        .expect("pull");
     let first_unembedded = ms_since(t);
 
     let client = RegistryClient::new(ClientOptions::plain_http());
@@ -192,7 +195,10 @@ async fn run<B: Backend + Clone>(b: B, meta: &Path, addr: &str, iters: usize) {
         let layer = layer.expect("layer");
         f.blobs.push(ms_since(t));
         let t = Instant::now();
-        client.pull_blob(&image, &config_desc).await.expect("config");
+        client
+            .pull_blob(&image, &config_desc)
+            .await
+            .expect("config");
         client.pull_blob(&image, &layer_desc).await.expect("layer");
         f.blobs_sequential.push(ms_since(t));
 
