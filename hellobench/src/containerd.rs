@@ -4,15 +4,15 @@
 //!
 //! ```text
 //!  containerd-overlayfs  push: tar + gzip -6 of the tree, one layer ─▶ registry
-//!                        pull: ctr images pull --snapshotter overlayfs (download, gunzip,
-//!                              untar into an overlayfs snapshot)
+//!                        pull: ctr --debug images pull --snapshotter overlayfs (no progress
+//!                              display; download, gunzip, untar into an overlayfs snapshot)
 //!                        run:  ctr run --snapshotter overlayfs ... until the readiness rule
 //!  containerd-slacker    prepare (untimed): import the tree as ext4 into a volume, clone it
 //!                              (the developer's container)
 //!                        push: LayerStore::diff (snapshot) ─▶ 2 KiB reference layer (plain
 //!                              tar) ─▶ registry
-//!                        pull: ctr images pull --snapshotter slacker (2 KiB; Commit records
-//!                              the referenced snapshot: no copy, no clone)
+//!                        pull: ctr --debug images pull --snapshotter slacker (2 KiB; Commit
+//!                              records the referenced snapshot: no copy, no clone)
 //!                        run:  ctr run --snapshotter slacker ... (Prepare = O(1) clone,
 //!                              containerd mounts ext4 on a loop device over its file)
 //!  both                  stop/clean (untimed): kill + rm the container, ctr images rm
@@ -238,12 +238,12 @@ impl ContainerdPath {
     pub fn describe(&self) -> String {
         if self.slacker {
             format!(
-                "{SLACKER}: push = LayerStore::diff (btrfs snapshot) + a 2 KiB reference layer pushed as a plain tar (+ config + manifest); pull = `ctr images pull --snapshotter slacker` (the reference layer unpacks into a staging directory, Commit records the snapshot: no copy, no clone); run = `ctr run --snapshotter slacker` until the readiness rule holds (Prepare = an O(1) btrfs clone; containerd mounts ext4 on a loop device over the clone's file: the kernel path, storage local, no emulated link); slacker-snapshotter in process, on its own 2-thread runtime, sharing the btrfs backend with the developer's store; registry {}",
+                "{SLACKER}: push = LayerStore::diff (btrfs snapshot) + a 2 KiB reference layer pushed as a plain tar (+ config + manifest); pull = `ctr --debug images pull --snapshotter slacker` (progress display off) (the reference layer unpacks into a staging directory, Commit records the snapshot: no copy, no clone); run = `ctr run --snapshotter slacker` until the readiness rule holds (Prepare = an O(1) btrfs clone; containerd mounts ext4 on a loop device over the clone's file: the kernel path, storage local, no emulated link); slacker-snapshotter in process, on its own 2-thread runtime, sharing the btrfs backend with the developer's store; registry {}",
                 self.registry
             )
         } else {
             format!(
-                "{OVERLAYFS}: push = tar + gzip -6 of the tree as one layer (+ config + manifest); pull = `ctr images pull --snapshotter overlayfs` (download, gunzip + untar into an overlayfs snapshot, on the host filesystem); run = `ctr run --snapshotter overlayfs` until the readiness rule holds; registry {}",
+                "{OVERLAYFS}: push = tar + gzip -6 of the tree as one layer (+ config + manifest); pull = `ctr --debug images pull --snapshotter overlayfs` (progress display off) (download, gunzip + untar into an overlayfs snapshot, on the host filesystem); run = `ctr run --snapshotter overlayfs` until the readiness rule holds; registry {}",
                 self.registry
             )
         }
@@ -480,8 +480,14 @@ impl BenchPath for ContainerdPath {
         let ctrd = self.ctrd.clone();
         let snapshotter = self.snapshotter();
         let started = unix_ns();
+        // `--debug` is how ctr turns its progress display off. Left on, ctr holds every
+        // pull after the fetch until the display's next 100 ms tick (`ShowProgress` in
+        // ctr's content/fetch.go marks itself done and waits for the ticker): 0-100 ms of
+        // UI per pull that neither snapshotter causes and CRI clients do not have. Both
+        // paths run the same command.
         let out = blocking(move || {
             ctrd.ctr(&[
+                "--debug",
                 "images",
                 "pull",
                 "--plain-http",
