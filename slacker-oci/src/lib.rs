@@ -1652,7 +1652,7 @@ impl RegistryClient {
 ///
 /// # Errors
 /// `Integrity` for data that is not base64, or not of `desc`'s size or digest.
-fn embedded(desc: &Descriptor) -> Result<Option<Vec<u8>>> {
+pub(crate) fn embedded(desc: &Descriptor) -> Result<Option<Vec<u8>>> {
     let Some(data) = desc.data() else {
         return Ok(None);
     };

@@ -599,3 +599,30 @@ async fn a_registry_that_wants_credentials_is_pulled_from_with_them_only() {
     }
     assert!(w.store.get(&pulled.top_layer).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_with_its_trace_asks_the_registry_three_times() {
+    use std::sync::atomic::Ordering;
+    let Some(addr) = registry() else { return };
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let (image, _) = pushed_image(&b, d.path(), &addr, "deploy-trace-requests", 6).await;
+    let trace = StartupTrace::new(BlockSize::DEFAULT, BLOCKS, container_reads());
+    client().push_trace(&image, &trace).await.unwrap();
+    let (proxy, _, gets) = counting_proxy(addr.clone());
+    let via = image.replacen(&addr, &proxy, 1);
+    // A new client: the manifest (config and reference layer embedded), then at once
+    // the referrers API (distribution 2.8: 404) and the fallback index, which embeds
+    // the trace's artifact manifest, which embeds the trace.
+    let w = worker(&b, "t1").await;
+    let pulled = client()
+        .pull_with_trace(&w.store, &via, &DeployOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(pulled.trace.as_ref().map(|t| &t.trace), Some(&trace));
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        3,
+        "manifest, referrers, fallback index"
+    );
+}
