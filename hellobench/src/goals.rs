@@ -295,7 +295,7 @@ pub fn compute(paths: &[PathResults], link: Option<&FairLinkReport>) -> Goals {
             0.005,
             true,
             "ms",
-            "median pull over images: a new client's `GET /v2/` probe and the manifest (config and reference layer embedded) through the fair link, then apply_diff's durable writes; trace path: the trace (fallback tag, then its manifest, trace embedded) fetched alongside",
+            "median pull over images: a new client's manifest GET (no `GET /v2/` probe; config and reference layer embedded) through the fair link, then apply_diff's durable writes; trace path: the trace fetched alongside (referrers API and fallback tag at once; the index embeds the trace manifest, which embeds the trace)",
         );
     }
     Goals {

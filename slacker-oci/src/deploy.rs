@@ -4,13 +4,14 @@
 //!
 //! ```text
 //!  deploy ─▶ manifest ┬─▶ config, reference layer (embedded) ─▶ apply_diff (lazy) ─▶ get (clone) ─▶ LazyVolume
-//!                     └─▶ trace: referrers API or sha256-<hex> tag ─▶ trace manifest (+ blob) ─┐
-//!                                                      LazyVolume::prefetch (bounded) ◀─────────┘
+//!                     └─▶ trace: referrers API ∥ sha256-<hex> tag (trace manifest, blob embedded) ─┐
+//!                                                      LazyVolume::prefetch (bounded) ◀────────────────┘
 //! ```
 //!
 //! [`RegistryClient::deploy`] pulls the image ([`RegistryClient::pull_image`]) and, once
 //! the manifest names the image, fetches its [startup trace](crate::referrers) at the same
-//! time as the config and the layers. It then clones the top layer
+//! time as the config and the layers (the trace lookup cannot go out with the manifest
+//! GET of a tag: the referrers are listed under the manifest's digest). It then clones the top layer
 //! ([`LayerStore::get`]), opens the clone as a [`LazyVolume`] that verifies every fetched
 //! block against the layer's Merkle root, and starts a background prefetch of the
 //! trace's blocks, bounded by [`DeployOptions::prefetch_bytes`] and

@@ -588,7 +588,8 @@ pub struct RegistryClient {
     /// every request to such a registry (it caches tokens, not the absence of a
     /// challenge), which doubled a pull's round trips.
     http: reqwest::Client,
-    /// Per registry: whether `GET /v2/` answered 200 without a challenge (probed once).
+    /// Per registry: whether it answered without a challenge: a pull's first manifest
+    /// GET, or a push's `GET /v2/` probe (asked once).
     open: Mutex<HashMap<String, bool>>,
     /// Held while probing, so that concurrent first requests (a push uploads its layer
     /// and config at once) probe once.
@@ -652,17 +653,27 @@ impl RegistryClient {
         format!("{scheme}://{}", r.resolve_registry())
     }
 
+    /// Whether requests to `r`'s registry go over [`Self::http`], if known without asking:
+    /// never with credentials; else what a probe or a first manifest GET found.
+    fn known_open(&self, r: &Reference, auth: &RegistryAuth) -> Option<bool> {
+        if !matches!(auth, RegistryAuth::Anonymous) {
+            return Some(false);
+        }
+        self.open
+            .lock()
+            .expect("open lock")
+            .get(r.resolve_registry())
+            .copied()
+    }
+
     /// Whether pulls from `r`'s registry go over [`Self::http`]: anonymous access and a
     /// registry whose `GET /v2/` answers 200 without a challenge (asked once per
     /// registry; a registry that cannot be reached is asked again next time).
     pub(crate) async fn open_registry(&self, r: &Reference, auth: &RegistryAuth) -> bool {
-        if !matches!(auth, RegistryAuth::Anonymous) {
-            return false;
-        }
-        let registry = r.resolve_registry().to_owned();
-        if let Some(&open) = self.open.lock().expect("open lock").get(&registry) {
+        if let Some(open) = self.known_open(r, auth) {
             return open;
         }
+        let registry = r.resolve_registry().to_owned();
         let _probing = self.probing.lock().await;
         if let Some(&open) = self.open.lock().expect("open lock").get(&registry) {
             return open;
@@ -692,14 +703,23 @@ impl RegistryClient {
         url: &str,
         accept: Option<&str>,
     ) -> Result<reqwest::Response> {
+        let resp = self.get_any(url, accept).await?;
+        Self::ok_or_error(url, resp).await
+    }
+
+    /// `GET url` on the open-registry pool, whatever the status.
+    async fn get_any(&self, url: &str, accept: Option<&str>) -> Result<reqwest::Response> {
         let mut req = self.http.get(url);
         if let Some(a) = accept {
             req = req.header(reqwest::header::ACCEPT, a);
         }
-        let resp = req
-            .send()
+        req.send()
             .await
-            .map_err(|e| Error::backend("oci", format!("GET {url}: {e}")))?;
+            .map_err(|e| Error::backend("oci", format!("GET {url}: {e}")))
+    }
+
+    /// `resp` of a 2xx; `NotFound` for a 404; else a `Backend` error naming the status.
+    async fn ok_or_error(url: &str, resp: reqwest::Response) -> Result<reqwest::Response> {
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -730,21 +750,51 @@ impl RegistryClient {
         r: &Reference,
         auth: &RegistryAuth,
     ) -> Result<(Vec<u8>, String)> {
-        if !self.open_registry(r, auth).await {
+        let through_client = async {
             let (body, digest) = self
                 .client
                 .pull_manifest_raw(r, auth, &MANIFEST_TYPES)
                 .await
                 .map_err(oci_error)?;
-            return Ok((body.to_vec(), digest));
-        }
+            Ok((body.to_vec(), digest))
+        };
         let name = r.digest().or(r.tag()).unwrap_or("latest");
         let url = format!(
             "{}/v2/{}/manifests/{name}",
             self.base_url(r),
             r.repository()
         );
-        let resp = self.get_ok(&url, Some(&MANIFEST_TYPES.join(", "))).await?;
+        let accept = MANIFEST_TYPES.join(", ");
+        let resp = match self.known_open(r, auth) {
+            Some(true) => self.get_ok(&url, Some(&accept)).await?,
+            Some(false) => return through_client.await,
+            // Not known yet (a new client): no `GET /v2/` probe, the manifest GET itself
+            // tells, as containerd's resolver does. An answer without a challenge marks
+            // the registry open; a challenge sends this and every later request through
+            // oci-client, which authenticates (an anonymous token, or the credentials).
+            None => {
+                let resp = self.get_any(&url, Some(&accept)).await?;
+                let challenged = resp.status() == reqwest::StatusCode::UNAUTHORIZED
+                    || resp
+                        .headers()
+                        .contains_key(reqwest::header::WWW_AUTHENTICATE);
+                // A 2xx or 404 without a challenge is an answer to anyone; other
+                // statuses (a 5xx) tell nothing: the next request asks again.
+                let status = resp.status();
+                if challenged || status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
+                    self.open
+                        .lock()
+                        .expect("open lock")
+                        .insert(r.resolve_registry().to_owned(), !challenged);
+                }
+                if challenged {
+                    // Read the body so the connection goes back to the pool.
+                    let _ = resp.bytes().await;
+                    return through_client.await;
+                }
+                Self::ok_or_error(&url, resp).await?
+            }
+        };
         let header = resp
             .headers()
             .get("docker-content-digest")
@@ -1602,7 +1652,7 @@ impl RegistryClient {
 ///
 /// # Errors
 /// `Integrity` for data that is not base64, or not of `desc`'s size or digest.
-fn embedded(desc: &Descriptor) -> Result<Option<Vec<u8>>> {
+pub(crate) fn embedded(desc: &Descriptor) -> Result<Option<Vec<u8>>> {
     let Some(data) = desc.data() else {
         return Ok(None);
     };

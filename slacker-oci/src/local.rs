@@ -35,6 +35,20 @@ impl LocalRegistry {
     /// `NotFound` if `docker-registry` is not installed; other IO errors if it does not
     /// start or does not become ready (the log is quoted).
     pub fn start() -> std::io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// [`start`](Self::start), with htpasswd authentication: `htpasswd` is the file's
+    /// content (`user:<bcrypt hash>` lines). Every request then needs basic credentials
+    /// (over plain HTTP: for tests only).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with_htpasswd(htpasswd: &str) -> std::io::Result<Self> {
+        Self::start_with(Some(htpasswd))
+    }
+
+    fn start_with(htpasswd: Option<&str>) -> std::io::Result<Self> {
         let which = Command::new(REGISTRY_BINARY)
             .arg("--version")
             .stdout(Stdio::null())
@@ -55,7 +69,16 @@ impl LocalRegistry {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let config = dir.join("config.yml");
-        std::fs::write(&config, config_yaml(&dir.join("data"), &addr))?;
+        let mut yaml = config_yaml(&dir.join("data"), &addr);
+        if let Some(h) = htpasswd {
+            let path = dir.join("htpasswd");
+            std::fs::write(&path, h)?;
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: slacker-test\n    path: {}\n",
+                path.display()
+            ));
+        }
+        std::fs::write(&config, yaml)?;
         let log = dir.join("registry.log");
         // $0 config, $1 log, $2 the pid to watch, $3 the directory to remove.
         let script = r#"
@@ -98,7 +121,7 @@ while kill -0 "$2" 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.2; done
     fn wait_ready(&self, timeout: Duration) -> std::io::Result<()> {
         let start = Instant::now();
         loop {
-            if v2_ok(&self.addr) {
+            if v2_status(&self.addr).is_some_and(|s| s == 200 || s == 401) {
                 return Ok(());
             }
             if start.elapsed() > timeout {
@@ -138,15 +161,19 @@ fn free_port() -> std::io::Result<u16> {
 
 /// Whether `GET /v2/` on `addr` answers 200.
 pub fn v2_ok(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
+    v2_status(addr) == Some(200)
+}
+
+/// The status `GET /v2/` on `addr` answers, if it answers HTTP.
+fn v2_status(addr: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return false;
-    }
+    s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
     let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+    s.read_exact(&mut head).ok()?;
+    if !head.starts_with(b"HTTP/1.") {
+        return None;
+    }
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }

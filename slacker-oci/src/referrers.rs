@@ -22,14 +22,16 @@
 //! lacks it, so a push also maintains the spec's fallback: an image index tagged
 //! `sha256-<hex of the subject digest>` listing every referrer (read, extended, written
 //! back; the registry has no compare-and-swap, so each pusher checks after a pause that its
-//! entry is still listed and adds it again if a concurrent pusher overwrote it). Fetching asks the referrers API first and falls back to
-//! the tag (`oci-client`'s `pull_referrers`).
+//! entry is still listed and adds it again if a concurrent pusher overwrote it). A small
+//! artifact manifest (up to [`INLINE_MAX_BYTES`](crate::INLINE_MAX_BYTES)) is embedded in
+//! its index entry (`data`, checked against the entry's size and digest on read), so a
+//! deploy finds the trace with the index alone. Fetching asks the referrers API and the
+//! fallback tag at once and uses the tag only when the registry has no referrers API
+//! (through `oci-client`'s `pull_referrers` for registries that want authentication).
 
 use base64::Engine;
 use oci_client::Reference;
-use oci_client::manifest::{
-    ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex,
-};
+use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor};
 use oci_client::secrets::RegistryAuth;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -187,8 +189,30 @@ pub struct PulledTrace {
     pub trace: StartupTrace,
     /// Digest of its artifact manifest.
     pub manifest_digest: String,
-    /// Bytes downloaded (referrers list, manifest, blob).
+    /// Bytes downloaded (referrers list, manifest, blob; what rides embedded in the
+    /// list or the manifest counts once).
     pub bytes: u64,
+}
+
+/// An entry of a referrers list (the referrers API's answer or the fallback index), as
+/// far as a trace lookup reads it.
+#[derive(Deserialize)]
+struct Referrer {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(rename = "artifactType", default)]
+    artifact_type: Option<String>,
+    /// The artifact manifest itself, base64 (set by [`RegistryClient::push_trace`]).
+    #[serde(default)]
+    data: Option<String>,
+}
+
+/// A referrers list: an image index.
+#[derive(Deserialize)]
+struct ReferrerIndex {
+    #[serde(default)]
+    manifests: Vec<Referrer>,
 }
 
 fn with_digest(r: &Reference, digest: &str) -> Reference {
@@ -306,6 +330,7 @@ impl RegistryClient {
             "subject": subject,
         });
         let body = serde_json::to_vec(&manifest).expect("json");
+        let body_for_index = body.clone();
         let manifest_digest = sha256_digest(&body);
         let manifest_size = body.len() as u64;
         uploaded += manifest_size;
@@ -323,12 +348,19 @@ impl RegistryClient {
         // still listed, and adds it again if not (bounded attempts).
         let tag = fallback_tag(&subject_digest);
         let tagged = with_tag(&r, &tag);
-        let entry = json!({
+        let mut entry = json!({
             "mediaType": OCI_IMAGE_MEDIA_TYPE,
             "digest": manifest_digest,
             "size": manifest_size,
             "artifactType": TRACE_ARTIFACT_TYPE,
         });
+        // The (small) artifact manifest rides in its index entry too (`data`): a deploy
+        // then finds the trace with the index GET alone.
+        if manifest_size <= crate::INLINE_MAX_BYTES {
+            entry["data"] = base64::engine::general_purpose::STANDARD
+                .encode(&body_for_index)
+                .into();
+        }
         let mut seen = 0;
         let mut attempts = 0;
         let mut pause = std::time::Duration::from_millis(5);
@@ -398,12 +430,14 @@ impl RegistryClient {
 
     /// The referrers of `subject_digest` (entries of any artifact type) and the bytes of
     /// their list: the referrers API, else the fallback tag; none when neither exists.
+    /// On the open-registry pool both are asked at once (one round trip; the fallback's
+    /// answer is used only when the registry has no referrers API).
     async fn trace_referrers(
         &self,
         r: &Reference,
         auth: &RegistryAuth,
         subject_digest: &str,
-    ) -> Result<(Vec<ImageIndexEntry>, u64)> {
+    ) -> Result<(Vec<Referrer>, u64)> {
         if !self.open_registry(r, auth).await {
             let index = self
                 .inner()
@@ -413,27 +447,48 @@ impl RegistryClient {
             let bytes = serde_json::to_vec(&index)
                 .map(|v| v.len() as u64)
                 .unwrap_or(0);
-            return Ok((index.manifests, bytes));
+            let entries = index
+                .manifests
+                .into_iter()
+                .map(|e| Referrer {
+                    digest: e.digest,
+                    size: u64::try_from(e.size).unwrap_or(0),
+                    artifact_type: e.artifact_type,
+                    data: None,
+                })
+                .collect();
+            return Ok((entries, bytes));
         }
         let url = format!(
             "{}/v2/{}/referrers/{subject_digest}?artifactType={TRACE_ARTIFACT_TYPE}",
             self.base_url(r),
             r.repository()
         );
-        let body = match self.get_ok(&url, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)).await {
-            Ok(resp) => read_capped(resp, MAX_MANIFEST_BYTES, &url).await?,
-            // No referrers API (distribution 2.8): the fallback tag.
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                let tagged = with_tag(r, &fallback_tag(subject_digest));
-                match self.manifest_raw(&tagged, auth).await {
-                    Ok((body, _)) => body,
-                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-                    Err(e) => return Err(e),
-                }
+        let tagged = with_tag(r, &fallback_tag(subject_digest));
+        let api = async {
+            match self.get_ok(&url, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)).await {
+                Ok(resp) => read_capped(resp, MAX_MANIFEST_BYTES, &url).await.map(Some),
+                // No referrers API (distribution 2.8).
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
         };
-        let index: OciImageIndex = serde_json::from_slice(&body)
+        let fallback = async {
+            match self.manifest_raw(&tagged, auth).await {
+                Ok((body, _)) => Ok(Some(body)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        let (api, fallback) = tokio::join!(api, fallback);
+        let body = match api? {
+            Some(body) => body,
+            None => match fallback? {
+                Some(body) => body,
+                None => return Ok((Vec::new(), 0)),
+            },
+        };
+        let index: ReferrerIndex = serde_json::from_slice(&body)
             .map_err(|e| Error::invalid(format!("referrers of {subject_digest}: {e}")))?;
         Ok((index.manifests, body.len() as u64))
     }
@@ -468,16 +523,29 @@ impl RegistryClient {
         else {
             return Ok(None);
         };
-        let (body, _) = self
-            .manifest_raw(&with_digest(&r, &entry.digest), &auth)
-            .await?;
+        let body = match &entry.data {
+            // Embedded in the index entry: checked against its size and digest
+            // (`Integrity` on a mismatch, never a silent fetch instead).
+            Some(data) => {
+                let mut desc = crate::descriptor(OCI_IMAGE_MEDIA_TYPE, &entry.digest, entry.size)?;
+                desc.set_data(Some(data.clone()));
+                crate::embedded(&desc)?.unwrap_or_default()
+            }
+            None => {
+                self.manifest_raw(&with_digest(&r, &entry.digest), &auth)
+                    .await?
+                    .0
+            }
+        };
         if sha256_digest(&body) != entry.digest {
             return Err(Error::Integrity(format!(
                 "trace manifest {} does not match its digest",
                 entry.digest
             )));
         }
-        bytes += body.len() as u64;
+        if entry.data.is_none() {
+            bytes += body.len() as u64; // else counted in the list's bytes
+        }
         let m: Value = serde_json::from_slice(&body)
             .map_err(|e| Error::invalid(format!("trace manifest {}: {e}", entry.digest)))?;
         if m["subject"]["digest"].as_str() != Some(subject_digest) {
@@ -509,7 +577,9 @@ impl RegistryClient {
                 layer.digest
             )));
         }
-        bytes += blob.len() as u64;
+        if desc.data().is_none() {
+            bytes += blob.len() as u64; // else counted in the manifest's bytes
+        }
         Ok(Some(PulledTrace {
             trace: StartupTrace::decode(&blob)?,
             manifest_digest: entry.digest.clone(),

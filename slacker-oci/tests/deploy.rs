@@ -505,20 +505,21 @@ async fn a_pull_asks_each_document_once_over_kept_connections() {
     let (proxy, conns, gets) = counting_proxy(addr.clone());
     let via = image.replacen(&addr, &proxy, 1);
     let c = client();
-    // The first pull of a client asks once whether the registry wants authentication;
-    // the manifest embeds the config and the reference layer.
+    // Even the first pull of a client is one request: no `GET /v2/` probe (the
+    // manifest GET's answer tells that the registry wants no authentication), and the
+    // manifest embeds the config and the reference layer.
     let w = worker(&b, "r1").await;
     c.pull_image(&w.store, &via).await.unwrap();
-    assert_eq!(gets.load(Ordering::SeqCst), 2, "/v2/, manifest");
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "manifest only");
     // Later pulls: one request each, on a connection kept open. Without kept
     // connections every request opens its own.
     for i in 0..3 {
         let w = worker(&b, &format!("r{}", i + 2)).await;
         c.pull_image(&w.store, &via).await.unwrap();
     }
-    assert_eq!(gets.load(Ordering::SeqCst), 2 + 3);
+    assert_eq!(gets.load(Ordering::SeqCst), 1 + 3);
     let n = conns.load(Ordering::SeqCst);
-    assert!(n <= 2, "{n} connections for 5 requests");
+    assert!(n <= 2, "{n} connections for 4 requests");
 
     // An image whose manifest embeds nothing (pushed by another tool): one request per
     // document, the config and the reference layer at once, so one or two connections
@@ -547,4 +548,81 @@ async fn a_pull_asks_each_document_once_over_kept_connections() {
     );
     let n = conns.load(Ordering::SeqCst) - c0;
     assert!(n <= 3, "{n} new connections for 9 requests");
+}
+
+/// htpasswd line for `slacker:s3cret` (bcrypt, cost 4, made with python3's
+/// `crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))`).
+const HTPASSWD: &str = "slacker:$2b$04$4T1saEXgGFfxi6HgeYcn0OfzAtwGxPb45/8iwbBnMmGSnshLF8imm\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_wants_credentials_is_pulled_from_with_them_only() {
+    use slacker_core::ErrorKind;
+    use slacker_oci::{Credentials, LocalRegistry};
+    // Its own registry: every request needs basic credentials.
+    let reg = match LocalRegistry::start_with_htpasswd(HTPASSWD) {
+        Ok(r) => r,
+        Err(e) => {
+            slacker_testkit::skip_or_fail::<()>(format!("no docker-registry: {e}"));
+            return;
+        }
+    };
+    let creds = Credentials::Basic {
+        username: "slacker".into(),
+        password: "s3cret".into(),
+    };
+    let with = || RegistryClient::new(ClientOptions::plain_http().with_credentials(creds.clone()));
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&b, d.path(), "push").await;
+    let v = s.create("img", None).await.unwrap();
+    b.write_at(&v, 0, &content(VOLUME as usize, 9))
+        .await
+        .unwrap();
+    let image = format!("{}/slacker-test/auth:v1", reg.addr());
+    with()
+        .push_image(&s, "img", &image, &PushOptions::default())
+        .await
+        .unwrap();
+    // A new client with the credentials pulls.
+    let w = worker(&b, "auth1").await;
+    let pulled = with().pull_image(&w.store, &image).await.unwrap();
+    assert!(w.store.get(&pulled.top_layer).await.is_ok());
+    // Without them, the manifest GET is refused: a clear error, nothing recorded.
+    let anon =
+        RegistryClient::new(ClientOptions::plain_http().with_credentials(Credentials::Anonymous));
+    let w = worker(&b, "auth2").await;
+    for _ in 0..2 {
+        let err = anon.pull_image(&w.store, &image).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
+        let text = err.to_string().to_lowercase();
+        assert!(text.contains("not authorized"), "{err}");
+    }
+    assert!(w.store.get(&pulled.top_layer).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_with_its_trace_asks_the_registry_three_times() {
+    use std::sync::atomic::Ordering;
+    let Some(addr) = registry() else { return };
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let (image, _) = pushed_image(&b, d.path(), &addr, "deploy-trace-requests", 6).await;
+    let trace = StartupTrace::new(BlockSize::DEFAULT, BLOCKS, container_reads());
+    client().push_trace(&image, &trace).await.unwrap();
+    let (proxy, _, gets) = counting_proxy(addr.clone());
+    let via = image.replacen(&addr, &proxy, 1);
+    // A new client: the manifest (config and reference layer embedded), then at once
+    // the referrers API (distribution 2.8: 404) and the fallback index, which embeds
+    // the trace's artifact manifest, which embeds the trace.
+    let w = worker(&b, "t1").await;
+    let pulled = client()
+        .pull_with_trace(&w.store, &via, &DeployOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(pulled.trace.as_ref().map(|t| &t.trace), Some(&trace));
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        3,
+        "manifest, referrers, fallback index"
+    );
 }

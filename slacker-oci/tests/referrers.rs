@@ -197,3 +197,121 @@ async fn concurrent_pushers_do_not_lose_each_others_index_entries() {
     }
     assert_eq!(listed.len(), 8, "no duplicates: {listed:?}");
 }
+
+/// `curl` on the test registry: `(status, body)`.
+fn curl(args: &[&str]) -> (String, Vec<u8>) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/stderr", "-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (String::from_utf8(out.stdout).unwrap(), out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_manifest_embedded_in_the_index_is_used_and_checked() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let Some(addr) = registry() else { return };
+    let b = MemBackend::new();
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&b, d.path(), "push").await;
+    let v = s.create("img", None).await.unwrap();
+    b.write_at(&v, 0, &content(64 << 10, 3)).await.unwrap();
+    let image = image(&addr, "referrers-embedded", "v1");
+    let c = RegistryClient::new(ClientOptions::plain_http());
+    c.push_image(&s, "img", &image, &PushOptions::default())
+        .await
+        .unwrap();
+    let subject = c.pull_manifest(&image, "reference").await.unwrap().digest;
+    let t1 = StartupTrace::new(BlockSize::DEFAULT, 1024, [BlockRange::new(3, 30)]);
+    let pushed = c.push_trace(&image, &t1).await.unwrap();
+
+    // The fallback index's entry embeds the artifact manifest, byte for byte.
+    let (host_repo, _) = image.rsplit_once(':').unwrap();
+    let (host, repo) = host_repo.split_once('/').unwrap();
+    let base = format!("http://{host}/v2/{repo}/manifests");
+    let index_url = format!("{base}/{}", pushed.fallback_tag);
+    let (code, idx) = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.index.v1+json",
+        &index_url,
+    ]);
+    assert_eq!(code, "200");
+    let original = idx.clone();
+    let idx: serde_json::Value = serde_json::from_slice(&idx).unwrap();
+    let entry = idx["manifests"][0].clone();
+    let (code, manifest) = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("{base}/{}", pushed.manifest_digest),
+    ]);
+    assert_eq!(code, "200");
+    assert_eq!(
+        entry["data"].as_str(),
+        Some(b64.encode(&manifest).as_str()),
+        "{entry}"
+    );
+
+    // Checked: an index whose embedded manifest lies is refused (`Integrity`), never
+    // used and never silently replaced by a fetch.
+    let text = String::from_utf8(manifest.clone()).unwrap();
+    let tampered = text.replacen(
+        &format!("{TRACE_ARTIFACT_TYPE}\""),
+        &format!(
+            "{}2\"",
+            &TRACE_ARTIFACT_TYPE[..TRACE_ARTIFACT_TYPE.len() - 1]
+        ),
+        1,
+    );
+    assert_eq!(tampered.len(), text.len());
+    assert_ne!(tampered, text);
+    let size = manifest.len() as u64;
+    let put_index = |body: &[u8]| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), body).unwrap();
+        let (code, out) = curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.index.v1+json",
+            "--data-binary",
+            &format!("@{}", f.path().display()),
+            &index_url,
+        ]);
+        assert_eq!(code, "201", "{}", String::from_utf8_lossy(&out));
+    };
+    let cases: [(&str, String, u64); 4] = [
+        ("same size, other bytes", b64.encode(&tampered), size),
+        ("right bytes, wrong size", b64.encode(&manifest), size + 1),
+        ("not base64", "!!not base64!!".to_owned(), size),
+        ("far too long", b64.encode(vec![b' '; 64 << 10]), size),
+    ];
+    for (what, data, size) in cases {
+        let mut e = entry.clone();
+        e["data"] = data.into();
+        e["size"] = size.into();
+        let hostile = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [e],
+        }))
+        .unwrap();
+        put_index(&hostile);
+        let err = c.pull_trace(&image, &subject).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{what}: {err}");
+    }
+
+    put_index(&original);
+    // Used (the good index back): with the artifact manifest deleted from the
+    // registry, the trace is still found (from the index alone).
+    let (code, _) = curl(&[
+        "-X",
+        "DELETE",
+        &format!("{base}/{}", pushed.manifest_digest),
+    ]);
+    assert_eq!(code, "202");
+    let got = c.pull_trace(&image, &subject).await.unwrap().unwrap();
+    assert_eq!(got.trace, t1);
+    assert_eq!(got.manifest_digest, pushed.manifest_digest);
+}
