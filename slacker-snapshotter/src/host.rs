@@ -70,6 +70,57 @@ pub fn loop_devices_of(file: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The kernel's read-ahead of a block device, in KiB (`VM_READAHEAD_PAGES`).
+pub const KERNEL_READ_AHEAD_KB: u32 = 128;
+
+fn write_read_ahead(dev: &Path, kb: u32) -> io::Result<()> {
+    let Some(name) = dev.file_name() else {
+        return Ok(());
+    };
+    let attr = Path::new("/sys/block")
+        .join(name)
+        .join("queue/read_ahead_kb");
+    fs::write(&attr, kb.to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", attr.display())))
+}
+
+/// Sets the read-ahead (`queue/read_ahead_kb`) of every loop device over `file`.
+///
+/// A loop device keeps its read-ahead after it is detached, so whoever sets it puts the
+/// kernel's value back before letting the device go ([`reset_read_ahead_at`]).
+///
+/// # Errors
+/// When the sysfs attribute cannot be written.
+pub fn set_read_ahead(file: &Path, kb: u32) -> io::Result<()> {
+    for dev in loop_devices_of(file) {
+        write_read_ahead(&dev, kb)?;
+    }
+    Ok(())
+}
+
+/// Puts the kernel's read-ahead back on the loop device mounted at `dir`, if one is.
+///
+/// # Errors
+/// When the sysfs attribute cannot be written.
+pub fn reset_read_ahead_at(dir: &Path) -> io::Result<()> {
+    let want = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mp = left.split(' ').nth(4).map(unescape_mountinfo);
+        let src = right.split(' ').nth(1).map(unescape_mountinfo);
+        if let (Some(mp), Some(src)) = (mp, src)
+            && Path::new(&mp) == want
+            && src.starts_with("/dev/loop")
+        {
+            write_read_ahead(Path::new(&src), KERNEL_READ_AHEAD_KB)?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether something is mounted at `dir` (in this process's mount namespace). Works on a
 /// dead FUSE mount too (it compares the canonical parent plus the name).
 pub fn is_mount_point(dir: &Path) -> bool {

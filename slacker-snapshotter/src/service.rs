@@ -516,8 +516,13 @@ impl SlackerSnapshotter {
     /// goes).
     async fn drop_own_mount(&self, id: u64) {
         let dir = self.own_mount_dir(id);
+        let reset = self.inner.config.read_ahead_kb > 0;
         let _one = self.inner.mounting.lock().await;
         let r = blocking("unmounting the volume", move || {
+            if reset && host::is_mount_point(&dir) {
+                // The loop device keeps its read-ahead after it goes back to the pool.
+                host::reset_read_ahead_at(&dir)?;
+            }
             if host::is_mount_point(&dir) && host::unmount(&dir).is_err() {
                 host::unmount_lazy(&dir)?;
             }
@@ -567,6 +572,7 @@ impl SlackerSnapshotter {
             // every mount and unmount, a bind mount nothing.
             let dir = self.own_mount_dir(r.id);
             let (d, read_only) = (dir.clone(), r.kind == Kind::View);
+            let read_ahead_kb = self.inner.config.read_ahead_kb;
             let _one = self.inner.mounting.lock().await;
             timed(
                 "mount: ext4 (own)",
@@ -575,7 +581,11 @@ impl SlackerSnapshotter {
                         return Ok(());
                     }
                     std::fs::create_dir_all(&d)?;
-                    host::mount_ext4_at(&file, &d, read_only)
+                    host::mount_ext4_at(&file, &d, read_only)?;
+                    if read_ahead_kb > 0 {
+                        host::set_read_ahead(&file, read_ahead_kb)?;
+                    }
+                    Ok(())
                 }),
             )
             .await?;

@@ -1,0 +1,100 @@
+//! The loop device under a local volume's ext4 gets the configured read-ahead
+//! (`read_ahead_kb`), set after the snapshotter's own mount, and the kernel's 128 KiB
+//! back when the snapshotter lets the device go (a loop device keeps its read-ahead
+//! after detach: the next user of `/dev/loopN` would inherit it). Checked on the device
+//! itself, through sysfs.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use containerd_snapshots::api::snapshots::v1::*;
+use support::*;
+
+/// The loop device mounted at `dir` (through the bind mount Prepare handed out, whose
+/// source is the snapshotter's own mount of the volume).
+fn device_at(dir: &str) -> std::path::PathBuf {
+    let src = sh(std::process::Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE", "--target"])
+        .arg(dir))
+    .unwrap();
+    let dev = src.trim();
+    let name = Path::new(dev)
+        .file_name()
+        .unwrap_or_else(|| panic!("no device under {dir}: {src:?}"));
+    assert!(
+        name.to_string_lossy().starts_with("loop"),
+        "{dir} is not on a loop device: {dev}"
+    );
+    Path::new(dev).to_owned()
+}
+
+fn read_ahead_of(dev: &Path) -> u32 {
+    let attr = Path::new("/sys/block")
+        .join(dev.file_name().unwrap())
+        .join("queue/read_ahead_kb");
+    std::fs::read_to_string(&attr)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The read-ahead of a prepared volume's loop device, and of the same device after the
+/// snapshot was removed.
+fn prepared_read_ahead(extra: &str) -> Option<(u32, u32)> {
+    let (_fs, dir, data) = btrfs_run("2G")?;
+    let backend = format!("kind = \"btrfs\"\npath = \"{}\"", data.display());
+    let cfg = write_config(&dir, &backend, extra);
+    let snap = snapshotter(&cfg);
+    let sock = snap.socket.clone();
+    let got = runtime().block_on(async {
+        let mut c = connect(sock).await;
+        let mounts = c
+            .prepare(PrepareSnapshotRequest {
+                snapshotter: "slacker".into(),
+                key: "ra".into(),
+                parent: String::new(),
+                labels: HashMap::new(),
+            })
+            .await
+            .expect("prepare")
+            .into_inner()
+            .mounts;
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+        let dev = device_at(&mounts[0].source);
+        let mounted = read_ahead_of(&dev);
+        c.remove(RemoveSnapshotRequest {
+            snapshotter: "slacker".into(),
+            key: "ra".into(),
+        })
+        .await
+        .expect("remove");
+        (mounted, read_ahead_of(&dev))
+    });
+    drop(snap);
+    slacker_snapshotter::harness::unmount_under(&dir);
+    Some(got)
+}
+
+#[test]
+fn a_local_volume_s_loop_device_gets_the_configured_read_ahead() {
+    if let Some(why) = missing(&["mkfs.btrfs", "mkfs.ext4", "losetup", "findmnt"]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let Some((configured, after)) = prepared_read_ahead("read_ahead_kb = 2048") else {
+        return;
+    };
+    assert_eq!(configured, 2048);
+    assert_eq!(
+        after, 128,
+        "the kernel's read-ahead back once the device is let go"
+    );
+    let Some((default, _)) = prepared_read_ahead("") else {
+        return;
+    };
+    assert_eq!(default, 1024, "the default read-ahead");
+}
