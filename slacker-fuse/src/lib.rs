@@ -27,14 +27,15 @@
 //!
 //! Everything needs root (`mount(2)` on `/dev/fuse`, `losetup`, `mount`); no
 //! `fusermount` is needed.
-#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod fs;
 mod mount;
+mod resume;
 mod session;
 mod sys;
 
 pub use fs::IMAGE_NAME;
 pub use mount::{Mount, MountOptions, mount_and_run};
+pub use resume::Negotiated;
 pub use session::{FuseOptions, FuseSession, FuseStats};
