@@ -137,6 +137,11 @@ pub struct FuseStats {
 /// diverged bitmap) serves every acknowledged write; the shared cache is only a cache of
 /// immutable snapshot blocks, so losing it loses nothing. An ext4 mounted above sees IO
 /// errors for the requests in flight and recovers from its journal on the next mount.
+///
+/// Unless the connection is kept: if another process holds a [`keep_fd`](Self::keep_fd)
+/// descriptor when this one dies, the kernel keeps the connection, requests wait instead
+/// of failing, and [`resume`](Self::resume) in a new process serves them (and the mount,
+/// loop device and ext4 above keep working).
 pub struct FuseSession {
     session: Option<Server>,
     /// A descriptor of the same open `/dev/fuse` file the server reads (see
