@@ -409,7 +409,7 @@ mod tests {
     use std::time::Duration;
 
     use slacker_backend_mem::MemBackend;
-    use slacker_core::worker::{BlockCache, LazyVolume, LazyVolumeOptions};
+    use slacker_core::worker::{BlockCache, LazyVolume, LazyVolumeOptions, LinkProfile, Throttled};
     use slacker_core::{Backend, BackendExt, VolumeId};
 
     use crate::{FuseOptions, FuseSession, Negotiated};
@@ -431,8 +431,16 @@ mod tests {
 
     /// A mem-backend clone of a snapshot holding [`content`]: the same bytes in the
     /// child and in the test (a mem backend lives in one process).
-    fn volume(rt: &tokio::runtime::Runtime) -> (Arc<dyn Backend>, VolumeId, LazyVolume) {
-        let backend: Arc<dyn Backend> = Arc::new(MemBackend::new());
+    /// `latency`: each backend call of the child waits that long, so that a read is
+    /// still in flight when the child is killed.
+    fn volume(
+        rt: &tokio::runtime::Runtime,
+        latency: Duration,
+    ) -> (Arc<dyn Backend>, VolumeId, LazyVolume) {
+        let backend: Arc<dyn Backend> = Arc::new(Throttled::new(
+            MemBackend::new(),
+            LinkProfile::latency_only(latency),
+        ));
         let img = VolumeId::new("img").unwrap();
         let c = VolumeId::new("c").unwrap();
         let v = rt.block_on(async {
@@ -458,7 +466,7 @@ mod tests {
             return; // only as the child of the test below
         };
         let rt = rt();
-        let (_backend, _id, v) = volume(&rt);
+        let (_backend, _id, v) = volume(&rt, Duration::from_millis(400));
         let s = FuseSession::start(v, &mnt, &FuseOptions::default()).unwrap();
         let n = s.negotiated();
         // A duplicate that lives as long as this process, for pidfd_getfd.
@@ -475,6 +483,12 @@ mod tests {
         loop {
             std::thread::sleep(Duration::from_secs(60));
         }
+    }
+
+    fn reader_again(file: &std::fs::File) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        file.read_exact_at(&mut b, 8192).unwrap();
+        b
     }
 
     fn ready() -> Option<()> {
@@ -544,6 +558,18 @@ mod tests {
         assert_eq!(buf, expected[4096..4096 + 8192]);
         file.write_all_at(b"child", 0).unwrap();
 
+        // A read the child has taken from the kernel but not answered when it dies (its
+        // backend answers after 400 ms): the resumed session gets it resent.
+        let in_flight = {
+            let file = file.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 65536];
+                file.read_exact_at(&mut b, 5 << 20).map(|()| b)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!in_flight.is_finished());
+
         // The serving process dies abruptly (its own descriptors close; ours stays).
         child.kill().unwrap();
         child.wait().unwrap();
@@ -564,10 +590,17 @@ mod tests {
 
         // A new "process": a fresh volume handle (the same bytes) on the kept connection.
         let rt = rt();
-        let (backend, id, v) = volume(&rt);
+        let (backend, id, v) = volume(&rt, Duration::ZERO);
         let s = FuseSession::resume(kept, negotiated, v, &mnt, &FuseOptions::default()).unwrap();
         let got = reader.join().unwrap().expect("the waiting read is served");
         assert_eq!(got, expected[3 << 20..(3 << 20) + 4096]);
+        let got = in_flight
+            .join()
+            .unwrap()
+            .expect("the read in flight at the kill is resent and served");
+        assert_eq!(got, expected[5 << 20..(5 << 20) + 65536]);
+        let got = reader_again(&file);
+        assert_eq!(got, expected[8192..8192 + 4096]);
         // The old open file keeps reading and writing.
         let mut all = vec![0u8; SIZE];
         file.read_exact_at(&mut all, 0).unwrap();
