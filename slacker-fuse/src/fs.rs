@@ -37,6 +37,8 @@ pub(crate) struct FsCounters {
     pub(crate) peak_reads_in_flight: AtomicU64,
     /// Whether the kernel agreed to send direct IO asynchronously (`FUSE_ASYNC_DIO`).
     pub(crate) async_dio: std::sync::atomic::AtomicBool,
+    /// The `max_write` agreed at `INIT`.
+    pub(crate) max_write: std::sync::atomic::AtomicU32,
 }
 
 /// How the filesystem serves reads (from [`FuseOptions`](crate::FuseOptions)).
@@ -168,9 +170,14 @@ fn errno(e: &slacker_core::Error) -> Errno {
 impl fuser::Filesystem for DiskImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Accept the nearest value the kernel allows.
-        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
-            let _ = config.set_max_write(nearest);
-        }
+        let max_write = match config.set_max_write(MAX_WRITE) {
+            Ok(_) => MAX_WRITE,
+            Err(nearest) => {
+                let _ = config.set_max_write(nearest);
+                nearest
+            }
+        };
+        self.counters.max_write.store(max_write, Ordering::Relaxed);
         // The loop device (direct IO) submits its requests as async kiocbs. Without
         // FUSE_ASYNC_DIO the kernel turns each into a synchronous FUSE read, and the loop
         // worker waits for it before taking the next request: one demand miss at a time,

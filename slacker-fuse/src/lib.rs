@@ -21,20 +21,24 @@
 //!
 //! - [`FuseSession`]: serves `disk.img`; its docs say what happens when the serving
 //!   process dies (acknowledged writes are already in the backend).
+//! - [`FuseSession::keep_fd`] / [`FuseSession::resume`]: keep the connection across the
+//!   death of the serving process (a descriptor of its `/dev/fuse` file held by another
+//!   process) and serve it again without `INIT`; see `docs/fuse-handover.md`.
 //! - [`Mount`]: the guard for FUSE + loop + ext4 with ordered teardown (unmount ext4,
 //!   detach the loop device, stop FUSE), also on drop and on failed setup.
 //! - [`mount_and_run`]: mount, run one command, tear down.
 //!
 //! Everything needs root (`mount(2)` on `/dev/fuse`, `losetup`, `mount`); no
 //! `fusermount` is needed.
-#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod fs;
 mod mount;
+mod resume;
 mod session;
 mod sys;
 
 pub use fs::IMAGE_NAME;
 pub use mount::{Mount, MountOptions, mount_and_run};
+pub use resume::Negotiated;
 pub use session::{FuseOptions, FuseSession, FuseStats};

@@ -6,12 +6,42 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::SystemTime;
+
 use fuser::{Config, MountOption};
 use serde::Serialize;
 use slacker_core::worker::LazyVolume;
 
 use crate::fs::{DiskImageFs, FsCounters, IMAGE_NAME, Serving};
+use crate::resume::{self, Negotiated, Resumed};
 use crate::sys;
+
+/// Who serves the connection: fuser (after its own `INIT`) or the resume loop.
+enum Server {
+    Fuser(fuser::BackgroundSession),
+    Resumed(Vec<std::thread::JoinHandle<io::Result<()>>>),
+}
+
+impl Server {
+    fn join(self) -> io::Result<()> {
+        match self {
+            Self::Fuser(s) => s.join(),
+            Self::Resumed(threads) => {
+                let mut result = Ok(());
+                for t in threads {
+                    let r = t
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("serving thread panicked")));
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
+                result
+            }
+        }
+    }
+}
 
 /// How a [`FuseSession`] serves.
 #[derive(Clone, Debug)]
@@ -107,8 +137,16 @@ pub struct FuseStats {
 /// diverged bitmap) serves every acknowledged write; the shared cache is only a cache of
 /// immutable snapshot blocks, so losing it loses nothing. An ext4 mounted above sees IO
 /// errors for the requests in flight and recovers from its journal on the next mount.
+///
+/// Unless the connection is kept: if another process holds a [`keep_fd`](Self::keep_fd)
+/// descriptor when this one dies, the kernel keeps the connection, requests wait instead
+/// of failing, and [`resume`](Self::resume) in a new process serves them (and the mount,
+/// loop device and ext4 above keep working).
 pub struct FuseSession {
-    session: Option<fuser::BackgroundSession>,
+    session: Option<Server>,
+    /// A descriptor of the same open `/dev/fuse` file the server reads (see
+    /// [`keep_fd`](Self::keep_fd)).
+    kept: OwnedFd,
     mountpoint: PathBuf,
     connection: u64,
     volume: LazyVolume,
@@ -174,16 +212,131 @@ impl FuseSession {
             MountOption::NoExec,
         ];
         config.n_threads = Some(options.threads.max(1));
-        config.clone_fd = options.threads > 1;
-        let session = fuser::spawn_mount(fs, &mountpoint, &config)?;
+        // All threads read the one open file (no FUSE_DEV_IOC_CLONE per thread): a
+        // request read by a thread lives on that file's processing list, and only a file
+        // that outlives this process (kept_fd) lets a successor get it resent.
+        config.clone_fd = false;
+        // Session::new mounts and answers INIT; the file is then kept before serving.
+        let session = fuser::Session::new(fs, &mountpoint, &config)?;
+        let kept = session.as_fd().try_clone_to_owned()?;
+        let session = session.spawn()?;
         let connection = sys::device_minor(std::fs::metadata(&mountpoint)?.dev());
         Ok(Self {
-            session: Some(session),
+            session: Some(Server::Fuser(session)),
+            kept,
             mountpoint,
             connection,
             volume,
             counters,
         })
+    }
+
+    /// Serves an already-initialised connection again after its daemon died: `kept` is
+    /// a descriptor of the `/dev/fuse` file the old session served (its
+    /// [`keep_fd`](Self::keep_fd), held meanwhile by something that outlived the old
+    /// process), `negotiated` what the old session agreed at `INIT`
+    /// ([`negotiated`](Self::negotiated)), `mountpoint` where it is still mounted, and
+    /// `volume` a fresh [`LazyVolume::open`] of the same backend volume.
+    ///
+    /// No `INIT` happens (the kernel sends it once per connection): the session runs its
+    /// own request loop for the single-file filesystem (reads and writes are served one
+    /// per thread, [`FuseOptions::threads`] of them). It then sends `FUSE_NOTIFY_RESEND`
+    /// (Linux 6.9+) so that the requests the dead daemon had read but not answered are
+    /// read again (they are idempotent: reads and writes at an offset, flush, getattr);
+    /// on an older kernel those requests stay unanswered. Stopping and dropping work as
+    /// for [`start`](Self::start).
+    ///
+    /// # Errors
+    /// `mountpoint` not a FUSE mount, the descriptor not duplicable, or the runtime or
+    /// threads not starting.
+    pub fn resume(
+        kept: OwnedFd,
+        negotiated: Negotiated,
+        volume: LazyVolume,
+        mountpoint: impl AsRef<Path>,
+        options: &FuseOptions,
+    ) -> io::Result<Self> {
+        let mountpoint = mountpoint.as_ref().to_path_buf();
+        if !sys::is_mountpoint(&mountpoint) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not mounted", mountpoint.display()),
+            ));
+        }
+        // The root's owner as the mount shows it (a stat of the mount is answered by the
+        // kernel's cached attributes or by the loop below once it runs).
+        let parent_meta = std::fs::metadata(mountpoint.parent().unwrap_or(Path::new("/")))?;
+        let runtime = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(options.runtime_threads.max(1))
+                .thread_name("slacker-fuse-rt")
+                .enable_all()
+                .build()?,
+        );
+        let counters = Arc::new(FsCounters::default());
+        counters
+            .async_dio
+            .store(negotiated.async_dio, Ordering::Relaxed);
+        counters
+            .max_write
+            .store(negotiated.max_write, Ordering::Relaxed);
+        let state = Arc::new(Resumed {
+            volume: volume.clone(),
+            runtime,
+            uid: parent_meta.uid(),
+            gid: parent_meta.gid(),
+            started: SystemTime::now(),
+            counters: Arc::clone(&counters),
+            negotiated,
+        });
+        let mut threads = Vec::new();
+        for (i, dev) in resume::files(&kept, options.threads)?
+            .into_iter()
+            .enumerate()
+        {
+            let state = Arc::clone(&state);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("slacker-fuse-{i}"))
+                    .spawn(move || state.run(dev))?,
+            );
+        }
+        let resent = resume::notify_resend(&std::fs::File::from(kept.try_clone()?));
+        tracing::info!(mountpoint = %mountpoint.display(), resent, "FUSE session resumed");
+        let connection = sys::device_minor(std::fs::metadata(&mountpoint)?.dev());
+        Ok(Self {
+            session: Some(Server::Resumed(threads)),
+            kept,
+            mountpoint,
+            connection,
+            volume,
+            counters,
+        })
+    }
+
+    /// A descriptor of the open `/dev/fuse` file this session serves, to hand to
+    /// something that outlives this process (a keeper process, systemd's fd store).
+    ///
+    /// While any descriptor of that file is open, the kernel keeps the connection: if
+    /// this process dies, requests wait (instead of failing with `EIO`) until a new
+    /// process [`resume`](Self::resume)s on the kept descriptor. It is the same open
+    /// file, not a `FUSE_DEV_IOC_CLONE` of it, on purpose: the kernel ends the requests
+    /// a file has read but not answered (`ECONNABORTED`) when that file is released, so
+    /// only a kept reference to the serving file itself keeps them for a resend.
+    ///
+    /// # Errors
+    /// `dup` failing (out of descriptors).
+    pub fn keep_fd(&self) -> io::Result<OwnedFd> {
+        self.kept.try_clone()
+    }
+
+    /// What the kernel and this session agreed at `INIT`: store it next to the
+    /// [`keep_fd`](Self::keep_fd) descriptor for [`resume`](Self::resume).
+    pub fn negotiated(&self) -> Negotiated {
+        Negotiated::new(
+            self.counters.max_write.load(Ordering::Relaxed),
+            self.counters.async_dio.load(Ordering::Relaxed),
+        )
     }
 
     /// The directory the filesystem is mounted on.

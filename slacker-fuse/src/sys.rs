@@ -1,6 +1,7 @@
 //! The system commands the data path runs (`losetup`, `mount`, `umount`, `chroot`) and
-//! small `/proc` and fusectl helpers. No `unsafe`: everything goes through util-linux
-//! commands or plain file IO. All of it blocks.
+//! small `/proc` and fusectl helpers, through util-linux commands or plain file IO; the
+//! one system call without a safe wrapper (`pidfd_getfd`, taking a descriptor from
+//! another process) is here too, with its `// SAFETY:` note. All of it blocks.
 
 use std::ffi::OsStr;
 use std::io;
@@ -171,6 +172,33 @@ pub(crate) fn chroot(root: &Path, cmd: &[&str]) -> io::Result<Output> {
         .env("HOME", "/")
         .stdin(Stdio::null())
         .output()
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`, Linux
+/// 5.6+; needs ptrace rights over `pid`, which root has): the same open file, as if it
+/// had been passed over a unix socket. Close-on-exec.
+#[allow(unsafe_code)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: pidfd_open takes a pid and flags by value and touches no memory of ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_getfd takes descriptors and flags by value and touches no memory of
+    // ours; pidfd stays open for the call.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd returned a new descriptor (close-on-exec) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
 }
 
 #[cfg(test)]
