@@ -177,13 +177,7 @@ impl FuseSession {
         options: &FuseOptions,
     ) -> io::Result<Self> {
         let mountpoint = mountpoint.as_ref().to_path_buf();
-        let runtime = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(options.runtime_threads.max(1))
-                .thread_name("slacker-fuse-rt")
-                .enable_all()
-                .build()?,
-        );
+        let runtime = fs_runtime(options)?;
         let counters = Arc::new(FsCounters::default());
         let meta = std::fs::metadata(&mountpoint)?;
         // The filesystem owns the runtime: it lives as long as the serving threads.
@@ -266,13 +260,7 @@ impl FuseSession {
         // The root's owner as the mount shows it (a stat of the mount is answered by the
         // kernel's cached attributes or by the loop below once it runs).
         let parent_meta = std::fs::metadata(mountpoint.parent().unwrap_or(Path::new("/")))?;
-        let runtime = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(options.runtime_threads.max(1))
-                .thread_name("slacker-fuse-rt")
-                .enable_all()
-                .build()?,
-        );
+        let runtime = fs_runtime(options)?;
         let counters = Arc::new(FsCounters::default());
         counters
             .async_dio
@@ -409,6 +397,17 @@ impl FuseSession {
         }
         Ok(())
     }
+}
+
+/// The tokio runtime a session's filesystem owns (it lives as long as the serving threads).
+fn fs_runtime(options: &FuseOptions) -> io::Result<Arc<tokio::runtime::Runtime>> {
+    Ok(Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.runtime_threads.max(1))
+            .thread_name("slacker-fuse-rt")
+            .enable_all()
+            .build()?,
+    ))
 }
 
 impl Drop for FuseSession {
