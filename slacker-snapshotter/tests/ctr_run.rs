@@ -331,7 +331,7 @@ fn kill_9_during_a_pull_and_while_a_container_runs() {
     .unwrap();
     ctrd.ctr(&[
         "run", "-d", "--snapshotter", "slacker", &small, "writer", "/bin/sh", "-c",
-        "i=0; while true; do echo $i >> /tmp/log; cat /etc/hostname > /tmp/read; i=$((i+1)); sleep 0.05; done",
+        "i=0; while true; do echo $i >> /tmp/log; cat /etc/hostname > /tmp/read.new; mv /tmp/read.new /tmp/read; i=$((i+1)); sleep 0.05; done",
     ])
     .unwrap();
     let log = ctrd.rootfs("writer").join("tmp/log");
