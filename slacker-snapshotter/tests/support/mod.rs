@@ -214,7 +214,16 @@ pub fn containerd_suite() -> Result<PathBuf, String> {
     std::fs::create_dir_all(&pkg).map_err(|e| e.to_string())?;
     std::fs::copy(&src, pkg.join("suite_test.go")).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(cache_dir()).map_err(|e| e.to_string())?;
-    let tmp = out.with_extension("partial");
+    // A name of this build's own: the btrfs and NFS suites run at once and, on an empty
+    // cache, both build it; with one shared `.partial` name the second rename found it
+    // gone (ENOENT, a failed CI run on a fresh machine). Both builds are the same binary,
+    // so whichever rename lands last is as good as the first.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("containerd-suite-{tag}."))
+        .suffix(".partial")
+        .tempfile_in(cache_dir())
+        .map_err(|e| e.to_string())?
+        .into_temp_path();
     sh(Command::new("go")
         .args(["test", "-c", "-o"])
         .arg(&tmp)
@@ -227,6 +236,6 @@ pub fn containerd_suite() -> Result<PathBuf, String> {
         )
         .env("GOCACHE", gp.path().join("cache"))
         .env("GOFLAGS", ""))?;
-    std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    tmp.persist(&out).map_err(|e| e.to_string())?;
     Ok(out)
 }
