@@ -27,18 +27,22 @@
 //! - [`Mount`]: the guard for FUSE + loop + ext4 with ordered teardown (unmount ext4,
 //!   detach the loop device, stop FUSE), also on drop and on failed setup.
 //! - [`mount_and_run`]: mount, run one command, tear down.
+//! - [`LoopDevice`]: a loop device attached from this process (`LOOP_CONFIGURE`, direct IO
+//!   by default), without `losetup`.
 //!
 //! Everything needs root (`mount(2)` on `/dev/fuse`, `losetup`, `mount`); no
 //! `fusermount` is needed.
 #![warn(missing_docs)]
 
 mod fs;
+mod loopdev;
 mod mount;
 mod resume;
 mod session;
 mod sys;
 
 pub use fs::IMAGE_NAME;
+pub use loopdev::{LoopDevice, LoopOptions};
 pub use mount::{Mount, MountOptions, mount_and_run};
 pub use resume::Negotiated;
 pub use session::{FuseOptions, FuseSession, FuseStats};

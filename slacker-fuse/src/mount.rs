@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use slacker_core::worker::{BlockCache, LazyVolume, LazyVolumeOptions};
 use slacker_core::{Backend, VolumeId};
 
+use rustix::mount::{MountFlags, mount};
+
+use crate::loopdev::{LoopDevice, LoopOptions};
 use crate::session::{FuseOptions, FuseSession};
 use crate::sys;
 
@@ -56,8 +59,9 @@ enum Route {
 /// ([`Mount::lazy`]), or a local file such as a btrfs backend's volume
 /// ([`Backend::local_path`], [`Mount::local_file`]), loop-mounted directly without FUSE.
 /// [`Mount::for_volume`] picks the route from the backend's capabilities. Either way the
-/// loop device is attached with `losetup -f --show --direct-io=on` and the filesystem
-/// mounted with `mount -t ext4`.
+/// loop device is attached with direct IO from this process ([`LoopDevice`], what
+/// `losetup -f --show --direct-io=on` does) and the filesystem mounted with `mount(2)`
+/// (`mount -t ext4`): no process is started on the way to a container's root.
 ///
 /// Teardown is ordered: unmount ext4, detach the loop device, stop FUSE, remove the
 /// directories. It runs on [`unmount`](Self::unmount) (reporting errors), on drop
@@ -68,7 +72,7 @@ enum Route {
 pub struct Mount {
     root: PathBuf,
     root_mounted: bool,
-    loop_device: Option<PathBuf>,
+    loop_device: Option<LoopDevice>,
     route: Option<Route>,
     dirs: Vec<PathBuf>,
     volume: Option<LazyVolume>,
@@ -152,16 +156,25 @@ impl Mount {
     }
 
     fn attach_and_mount(&mut self, image: &Path, read_only: bool, extra: &str) -> io::Result<()> {
-        self.loop_device = Some(sys::losetup_attach(image, read_only)?);
-        let mut opts: Vec<&str> = Vec::new();
-        if read_only {
-            opts.push("ro");
-        }
-        if !extra.is_empty() {
-            opts.push(extra);
-        }
-        let dev = self.loop_device.clone().expect("just attached");
-        sys::mount_ext4(&dev, &self.root, &opts.join(","))?;
+        let dev = LoopDevice::attach(image, &LoopOptions::default().with_read_only(read_only))?;
+        let path = dev.path().to_owned();
+        self.loop_device = Some(dev);
+        let flags = if read_only {
+            MountFlags::RDONLY
+        } else {
+            MountFlags::empty()
+        };
+        let data = std::ffi::CString::new(extra).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "NUL in the ext4 mount options")
+        })?;
+        let data = (!extra.is_empty()).then_some(data.as_c_str());
+        mount(&path, &self.root, "ext4", flags, data).map_err(|e| {
+            io::Error::other(format!(
+                "mount -t ext4 -o {extra:?} {} {}: {e}",
+                path.display(),
+                self.root.display()
+            ))
+        })?;
         self.root_mounted = true;
         Ok(())
     }
@@ -173,7 +186,7 @@ impl Mount {
 
     /// The loop device, e.g. `/dev/loop3`.
     pub fn loop_device(&self) -> Option<&Path> {
-        self.loop_device.as_deref()
+        self.loop_device.as_ref().map(LoopDevice::path)
     }
 
     /// The lazy volume, on the FUSE route.
@@ -227,7 +240,7 @@ impl Mount {
             note(sys::umount(&self.root));
         }
         if let Some(dev) = self.loop_device.take() {
-            note(sys::losetup_detach(&dev));
+            note(dev.detach());
         }
         if let Some(Route::Fuse(session)) = self.route.take() {
             note(session.stop());

@@ -1,12 +1,15 @@
 //! What the snapshotter asks of the host: loop devices, mounts, freezing a mounted
-//! filesystem, making the empty ext4 every parentless snapshot starts from. Everything
-//! goes through util-linux and e2fsprogs commands (no `unsafe`); all of it blocks, so
-//! callers run it on `spawn_blocking`.
+//! filesystem, making the empty ext4 every parentless snapshot starts from. Loop devices
+//! are attached by [`slacker_fuse::LoopDevice`] and mounts made with `mount(2)`; the rest
+//! goes through util-linux and e2fsprogs commands (no `unsafe` here); all of it blocks,
+//! so callers run it on `spawn_blocking`.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use slacker_fuse::{LoopDevice, LoopOptions};
 
 /// Runs a command; an error carries its stderr.
 ///
@@ -312,26 +315,24 @@ fn has_mount_point(device: &Path) -> bool {
 }
 
 /// Mounts the ext4 in `file` at `dir` read-write through a loop device that goes away
-/// with the mount (`-o loop` sets autoclear).
+/// with the mount (autoclear), attached with direct IO (see [`mount_ext4_at`]).
 ///
 /// # Errors
-/// When `mount` fails.
+/// When attaching or mounting fails.
 pub fn mount_ext4(file: &Path, dir: &Path) -> io::Result<()> {
-    run(
-        "mount",
-        &[
-            "-t".as_ref(),
-            "ext4".as_ref(),
-            "-o".as_ref(),
-            "loop".as_ref(),
-            file.as_os_str(),
-            dir.as_os_str(),
-        ],
-    )
+    mount_ext4_at(file, dir, false, 0)
 }
 
 /// Mounts the ext4 in `file` (a volume: a clone this process owns) at `dir` through a
-/// loop device that goes away with the mount, read-only if `read_only`.
+/// loop device that goes away with the mount, read-only if `read_only`, with the
+/// device's read-ahead set to `read_ahead_kb` first (0: the kernel's).
+///
+/// The device is attached from this process ([`LoopDevice`], `LOOP_CONFIGURE`) and the
+/// filesystem mounted with `mount(2)`: no `mount` process (a few ms of a container's
+/// Prepare). It does **direct IO** on `file`: a block is cached once, by the ext4 on the
+/// device, not a second time in `file`'s page cache, and a cold read moves only what
+/// ext4 asked for (over a buffered loop, btrfs's read-ahead on the file doubled the
+/// bytes read from the disk; `BENCHMARKS.md`, "containerd + runc").
 ///
 /// A read-only mount is made read-write and then remounted read-only: a snapshot
 /// committed while something else still mounted its volume is marked as needing journal
@@ -339,17 +340,38 @@ pub fn mount_ext4(file: &Path, dir: &Path) -> io::Result<()> {
 /// device; the replay writes to this volume's own clone, never to the snapshot.
 ///
 /// # Errors
-/// When `mount` fails.
-pub fn mount_ext4_at(file: &Path, dir: &Path, read_only: bool) -> io::Result<()> {
-    mount_ext4(file, dir)?;
-    if read_only
-        && let Err(e) = run(
-            "mount",
-            &["-o".as_ref(), "remount,ro".as_ref(), dir.as_os_str()],
-        )
-    {
-        let _ = unmount(dir);
+/// When attaching or mounting fails (nothing is left attached or mounted then).
+pub fn mount_ext4_at(
+    file: &Path,
+    dir: &Path,
+    read_only: bool,
+    read_ahead_kb: u32,
+) -> io::Result<()> {
+    use rustix::mount::{MountFlags, mount, mount_remount};
+    let dev = LoopDevice::attach(file, &LoopOptions::default().with_autoclear(true))?;
+    if read_ahead_kb > 0 {
+        write_read_ahead(dev.path(), read_ahead_kb)?;
+    }
+    let mounted = mount(dev.path(), dir, "ext4", MountFlags::empty(), None).map_err(|e| {
+        io::Error::other(format!(
+            "mount {} on {}: {e}",
+            dev.path().display(),
+            dir.display()
+        ))
+    });
+    if let Err(e) = mounted {
+        // Never mounted: the device would keep the read-ahead for its next user.
+        let _ = write_read_ahead(dev.path(), KERNEL_READ_AHEAD_KB);
         return Err(e);
+    }
+    // The mount holds the device now; autoclear detaches it when the mount goes.
+    drop(dev);
+    if read_only && let Err(e) = mount_remount(dir, MountFlags::RDONLY, "") {
+        let _ = unmount(dir);
+        return Err(io::Error::other(format!(
+            "remount {} read-only: {e}",
+            dir.display()
+        )));
     }
     Ok(())
 }

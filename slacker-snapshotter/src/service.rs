@@ -581,11 +581,7 @@ impl SlackerSnapshotter {
                         return Ok(());
                     }
                     std::fs::create_dir_all(&d)?;
-                    host::mount_ext4_at(&file, &d, read_only)?;
-                    if read_ahead_kb > 0 {
-                        host::set_read_ahead(&file, read_ahead_kb)?;
-                    }
-                    Ok(())
+                    host::mount_ext4_at(&file, &d, read_only, read_ahead_kb)
                 }),
             )
             .await?;

@@ -2,7 +2,8 @@
 //! (`read_ahead_kb`), set after the snapshotter's own mount, and the kernel's 128 KiB
 //! back when the snapshotter lets the device go (a loop device keeps its read-ahead
 //! after detach: the next user of `/dev/loopN` would inherit it). Checked on the device
-//! itself, through sysfs.
+//! itself, through sysfs. The same device reads the volume's file with direct IO
+//! (`loop/dio`), so the clone's blocks are not cached twice.
 
 mod support;
 
@@ -30,6 +31,13 @@ fn device_at(dir: &str) -> std::path::PathBuf {
     Path::new(dev).to_owned()
 }
 
+fn direct_io_of(dev: &Path) -> bool {
+    let attr = Path::new("/sys/block")
+        .join(dev.file_name().unwrap())
+        .join("loop/dio");
+    std::fs::read_to_string(&attr).unwrap().trim() == "1"
+}
+
 fn read_ahead_of(dev: &Path) -> u32 {
     let attr = Path::new("/sys/block")
         .join(dev.file_name().unwrap())
@@ -42,8 +50,8 @@ fn read_ahead_of(dev: &Path) -> u32 {
 }
 
 /// The read-ahead of a prepared volume's loop device, and of the same device after the
-/// snapshot was removed.
-fn prepared_read_ahead(extra: &str) -> Option<(u32, u32)> {
+/// snapshot was removed; whether the device did direct IO.
+fn prepared_read_ahead(extra: &str) -> Option<(u32, u32, bool)> {
     let (_fs, dir, data) = btrfs_run("2G")?;
     let backend = format!("kind = \"btrfs\"\npath = \"{}\"", data.display());
     let cfg = write_config(&dir, &backend, extra);
@@ -66,13 +74,14 @@ fn prepared_read_ahead(extra: &str) -> Option<(u32, u32)> {
         assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
         let dev = device_at(&mounts[0].source);
         let mounted = read_ahead_of(&dev);
+        let dio = direct_io_of(&dev);
         c.remove(RemoveSnapshotRequest {
             snapshotter: "slacker".into(),
             key: "ra".into(),
         })
         .await
         .expect("remove");
-        (mounted, read_ahead_of(&dev))
+        (mounted, read_ahead_of(&dev), dio)
     });
     drop(snap);
     slacker_snapshotter::harness::unmount_under(&dir);
@@ -85,15 +94,19 @@ fn a_local_volume_s_loop_device_gets_the_configured_read_ahead() {
         skip_or_fail::<()>(why);
         return;
     }
-    let Some((configured, after)) = prepared_read_ahead("read_ahead_kb = 2048") else {
+    let Some((configured, after, dio)) = prepared_read_ahead("read_ahead_kb = 2048") else {
         return;
     };
     assert_eq!(configured, 2048);
+    assert!(
+        dio,
+        "the loop device reads the volume's file with direct IO"
+    );
     assert_eq!(
         after, 128,
         "the kernel's read-ahead back once the device is let go"
     );
-    let Some((default, _)) = prepared_read_ahead("") else {
+    let Some((default, _, _)) = prepared_read_ahead("") else {
         return;
     };
     assert_eq!(default, 1024, "the default read-ahead");
