@@ -62,6 +62,7 @@ pub mod datapath;
 pub mod filter;
 pub mod harness;
 pub mod host;
+pub mod keeper;
 pub mod metrics;
 pub mod remote;
 pub mod service;
