@@ -79,24 +79,6 @@ impl Keeper {
         *client = Some(c);
         r.map(|v| (v, true))
     }
-
-    /// Hands `volume`'s file to the keeper; on a new connection, also every file of
-    /// `others` (a keeper started anew holds none of them). Blocking.
-    fn keep(
-        &self,
-        volume: &str,
-        negotiated: Negotiated,
-        fd: &OwnedFd,
-        others: &[(String, Negotiated, OwnedFd)],
-    ) -> Result<(), KeeperError> {
-        let ((), fresh) = self.call(|c| c.keep(volume, negotiated, fd.as_fd()))?;
-        if fresh {
-            for (v, n, fd) in others {
-                self.call(|c| c.keep(v, *n, fd.as_fd()))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Serves volumes as files (see the [module docs](self)).
@@ -108,6 +90,11 @@ pub struct DataPath {
     recorder: Arc<MetricsRecorder>,
     sessions: Mutex<HashMap<String, FuseSession>>,
     keeper: Option<Arc<Keeper>>,
+}
+
+/// A session's kept file, as the keeper gets it.
+fn kept_of(name: &str, s: &FuseSession) -> io::Result<(String, Negotiated, OwnedFd)> {
+    Ok((name.to_owned(), s.negotiated(), s.keep_fd()?))
 }
 
 impl std::fmt::Debug for DataPath {
@@ -154,11 +141,6 @@ impl DataPath {
         self
     }
 
-    /// The keeper's socket, if this data path hands its files to one.
-    pub fn keeper_socket(&self) -> Option<&Path> {
-        self.keeper.as_ref().map(|k| k.socket.as_path())
-    }
-
     /// Whether volumes are local files (no FUSE).
     pub fn is_local(&self) -> bool {
         self.local
@@ -188,32 +170,50 @@ impl DataPath {
         }
         let mountpoint = self.dir.join(vol.as_str());
         let volume = self.open_volume(vol).await?;
-        let keeper = self.keeper.clone();
-        let name = vol.as_str().to_owned();
-        // On a new keeper connection, every other session's file goes to it as well.
-        let others = if keeper.is_some() {
-            sessions
-                .iter()
-                .map(|(v, s)| Ok((v.clone(), s.negotiated(), s.keep_fd()?)))
-                .collect::<io::Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
         let session = tokio::task::spawn_blocking(move || {
             detach_stale(&mountpoint)?;
             std::fs::create_dir_all(&mountpoint)?;
-            let session = FuseSession::start(volume, &mountpoint, &FuseOptions::default())?;
-            if let Some(k) = keeper {
-                // Without it the session still serves; only a crash would break it.
-                let kept = session.keep_fd()?;
-                if let Err(e) = k.keep(&name, session.negotiated(), &kept, &others) {
-                    tracing::warn!(volume = %name, error = %e, "fd keeper: the FUSE connection is not kept; a crash of this process would break its container's IO");
-                }
-            }
-            Ok::<_, io::Error>(session)
+            FuseSession::start(volume, &mountpoint, &FuseOptions::default())
         })
         .await
         .map_err(other)??;
+        if let Some(k) = &self.keeper {
+            let mine = kept_of(vol.as_str(), &session)?;
+            let k1 = Arc::clone(k);
+            let fresh = tokio::task::spawn_blocking(move || {
+                let (name, negotiated, fd) = &mine;
+                k1.call(|c| c.keep(name, *negotiated, fd.as_fd()))
+                    .map(|((), fresh)| fresh)
+            })
+            .await
+            .map_err(other)?;
+            match fresh {
+                // A new connection, maybe a new keeper (the old one killed): it gets every
+                // other session's file too.
+                Ok(true) if !sessions.is_empty() => {
+                    let others = sessions
+                        .iter()
+                        .map(|(v, s)| kept_of(v, s))
+                        .collect::<io::Result<Vec<_>>>()?;
+                    let k = Arc::clone(k);
+                    let r = tokio::task::spawn_blocking(move || {
+                        others.iter().try_for_each(|(v, n, fd)| {
+                            k.call(|c| c.keep(v, *n, fd.as_fd())).map(drop)
+                        })
+                    })
+                    .await
+                    .map_err(other)?;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "fd keeper: handing it the other sessions failed");
+                    }
+                }
+                Ok(_) => {}
+                // Without it the session still serves; only a crash would break it.
+                Err(e) => {
+                    tracing::warn!(volume = %vol, error = %e, "fd keeper: the FUSE connection is not kept; a crash of this process would break its container's IO")
+                }
+            }
+        }
         let image = session.image_path();
         sessions.insert(vol.as_str().to_owned(), session);
         Ok(image)
