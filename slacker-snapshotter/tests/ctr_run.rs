@@ -821,8 +821,9 @@ fn kill_9_during_a_pull_and_while_a_container_runs_on_nfs() {
         );
     }
     drop(ctrd);
-    drop(snap2);
-    drop(snap);
+    // kill, not drop: dropping kills the keeper too.
+    let mut snap2 = snap2;
+    snap2.kill();
     assert!(
         wait_until(
             slacker_snapshotter::keeper::IDLE_EXIT + Duration::from_secs(5),

@@ -11,7 +11,8 @@
 //! restarted process serves the same paths (`Mounts` answers what it answered before),
 //! Walk and the storage's volume list agree, removing everything leaves no volume, and
 //! nothing is left behind: no keeper process, no mount, no loop device, no `/dev/fuse`
-//! descriptor.
+//! descriptor. The first start finds a stale keeper socket file (a keeper of a previous
+//! boot) and replaces it.
 //!
 //! `SLACKER_TEST_FD_KEEPER=off` runs the snapshotter with `fd_keeper = "off"` (the
 //! behaviour before the keeper): the test then fails at the read in flight at the kill.
@@ -172,6 +173,9 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
     let during = local("during.expected", 3, 1 << 20);
     let after = local("after.expected", 4, 1 << 20);
 
+    // A keeper of a previous boot left its socket file: nobody listens there.
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let mut snap = snapshotter(&cfg);
     let before = rt.block_on(async {
         let mut c = connect(snap.socket.clone()).await;
@@ -356,7 +360,9 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
         );
     }
     assert_eq!(mounts_and_loops_under(dir.path()), Vec::<String>::new());
-    drop(snap);
+    // kill, not drop: dropping kills the keeper too.
+    let mut snap = snap;
+    snap.kill();
     assert!(
         wait_until(keeper::IDLE_EXIT + Duration::from_secs(5), || keeper_pids(
             &socket

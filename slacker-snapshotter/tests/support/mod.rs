@@ -57,7 +57,7 @@ pub fn sh(cmd: &mut Command) -> Result<String, String> {
     harness::run(cmd).map_err(|e| e.to_string())
 }
 
-pub use slacker_snapshotter::harness::{self, Containerd, unmount_under};
+pub use slacker_snapshotter::harness::{self, Containerd, keeper_pids, unmount_under};
 
 /// A loop-mounted btrfs in a temporary directory; dropping it unmounts everything
 /// under it.
@@ -241,32 +241,6 @@ pub fn fd_keeper_extra() -> &'static str {
     } else {
         ""
     }
-}
-
-/// Live (not zombie) processes running `--fd-keeper <socket>`.
-pub fn keeper_pids(socket: &Path) -> Vec<u32> {
-    let want = format!("--fd-keeper\0{}\0", socket.display());
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&want) && !is_zombie(pid) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st == "Z"))
-        })
-        .unwrap_or(true)
 }
 
 /// How many descriptors of `/dev/fuse` process `pid` holds.
