@@ -258,8 +258,8 @@ impl DataPath {
     /// Serves every volume of `vols` (the active and view volumes) again after a
     /// restart: the keeper's connection of each, resumed, where it holds one; else a new
     /// FUSE session (over a lazily detached dead mount). The keeper's connections of
-    /// other volumes are closed (aborted). A volume that fails is reported and skipped:
-    /// `Mounts` of it tries again.
+    /// other volumes are closed (aborted) and their mounts detached lazily. A volume that
+    /// fails is reported and skipped: `Mounts` of it tries again.
     pub async fn reserve(&self, vols: &[VolumeId]) {
         if self.local {
             return;
@@ -296,8 +296,25 @@ impl DataPath {
                 };
                 if !resumed {
                     let k = Arc::clone(k);
-                    let _ =
-                        tokio::task::spawn_blocking(move || Self::forget(Some(&k), &name)).await;
+                    // Not an active volume (removed while still mounted): its dead mount
+                    // is detached too, as `file` detaches an active volume's.
+                    let stale = active.is_none().then(|| self.dir.join(&name));
+                    let r = tokio::task::spawn_blocking(move || {
+                        Self::forget(Some(&k), &name);
+                        match stale {
+                            Some(mp) => detach_stale(&mp).and_then(|()| {
+                                std::fs::remove_dir(&mp).or_else(|e| match e.kind() {
+                                    io::ErrorKind::NotFound => Ok(()),
+                                    _ => Err(e),
+                                })
+                            }),
+                            None => Ok(()),
+                        }
+                    })
+                    .await;
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!(error = %e, "detaching the mount of a volume no longer served");
+                    }
                 }
             }
         }

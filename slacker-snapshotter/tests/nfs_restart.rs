@@ -11,7 +11,8 @@
 //! restarted process serves the same paths (`Mounts` answers what it answered before),
 //! Walk and the storage's volume list agree, removing everything leaves no volume, and
 //! nothing is left behind: no keeper process, no mount, no loop device, no `/dev/fuse`
-//! descriptor. The first start finds a stale keeper socket file (a keeper of a previous
+//! descriptor. The connection of a snapshot removed while still mounted is not resumed
+//! but closed (aborted). The first start finds a stale keeper socket file (a keeper of a previous
 //! boot) and replaces it.
 //!
 //! `SLACKER_TEST_FD_KEEPER=off` runs the snapshotter with `fd_keeper = "off"` (the
@@ -162,6 +163,7 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
     let rt = runtime();
     let m1 = dir.path().join("m1");
     let m3 = dir.path().join("m3");
+    let mz = dir.path().join("mz");
     // Local copies of what goes onto the mount.
     let local = |name: &str, seed: u64, len: usize| {
         let p = dir.path().join(name);
@@ -193,8 +195,22 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
             assert!(st.success(), "{err}");
         }
         sh(Command::new("sync").arg("-f").arg(m1.join("before"))).unwrap();
-        src
+        // A snapshot removed while still mounted: its volume and session stay (until
+        // the mount goes), no document names it.
+        c.prepare(req("z", "")).await.unwrap();
+        let z = mounts_of(&mut c, "z").await;
+        mount(&z, &mz);
+        std::fs::write(mz.join("z"), vec![9u8; 1 << 20]).unwrap();
+        sh(Command::new("sync").arg("-f").arg(mz.join("z"))).unwrap();
+        c.remove(RemoveSnapshotRequest {
+            snapshotter: "slacker".into(),
+            key: "z".into(),
+        })
+        .await
+        .unwrap();
+        (src, z)
     });
+    let (before, z) = before;
     let keepers = keeper_pids(&socket);
     eprintln!("keeper processes: {keepers:?}");
 
@@ -281,6 +297,38 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
         keeper_pids(&socket),
         keepers,
         "the restarted snapshotter uses the same keeper"
+    );
+    // The removed snapshot's connection is not resumed: the restarted snapshotter had the
+    // keeper close it (that aborts it), so its mount fails instead of waiting forever,
+    // and the keeper holds only a's.
+    let (st, _) = finish(
+        dd(&mz.join("z"), &dir.path().join("z.read"), "iflag=direct"),
+        Duration::from_secs(60),
+    )
+    .expect("a read of the removed snapshot's mount ends");
+    assert!(
+        !st.success(),
+        "the removed snapshot's connection still serves"
+    );
+    assert_eq!(
+        fuse_fds(keepers[0]),
+        1,
+        "the keeper holds a's connection only"
+    );
+    sh(Command::new("umount").arg(&mz)).unwrap();
+    let z_fuse = Path::new(&z)
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let left: Vec<String> = mounts_and_loops_under(dir.path())
+        .into_iter()
+        .filter(|m| m.contains(&z_fuse))
+        .collect();
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "the removed snapshot's dead FUSE mount"
     );
 
     rt.block_on(async {
