@@ -137,15 +137,23 @@ impl TryFrom<String> for FdKeeper {
 
 impl FdKeeper {
     /// The program to run as the keeper, if any (for `Auto`: this process's executable
-    /// when its name is `slacker-snapshotter`).
+    /// when its name is `slacker-snapshotter`; after an upgrade replaced it on disk, the
+    /// new binary at the same path).
     pub fn program(&self) -> Option<PathBuf> {
         match self {
             Self::Off => None,
             Self::Program(p) => Some(p.clone()),
-            Self::Auto => std::env::current_exe().ok().filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("slacker-snapshotter"))
-            }),
+            Self::Auto => {
+                let exe = std::env::current_exe().ok()?;
+                // Replaced on disk since it started (an upgrade): the path names the new
+                // binary, which is the one to run.
+                let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+                    Some(p) => PathBuf::from(p),
+                    None => exe,
+                };
+                let name = exe.file_name()?.to_string_lossy().into_owned();
+                name.starts_with("slacker-snapshotter").then_some(exe)
+            }
         }
     }
 }
@@ -333,6 +341,10 @@ mod tests {
             keeper("\"/usr/bin/slacker-snapshotter\""),
             FdKeeper::Program("/usr/bin/slacker-snapshotter".into())
         );
+        // This test binary is not slacker-snapshotter: "auto" names no keeper for it, as
+        // for any program embedding the library.
+        assert_eq!(FdKeeper::Auto.program(), None);
+        assert_eq!(FdKeeper::Off.program(), None);
         let unknown_kind = format!("{base}[backend]\nkind = \"floppy\"\n");
         assert!(Config::from_toml(&unknown_kind).is_err());
     }
