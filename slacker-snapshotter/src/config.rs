@@ -7,6 +7,7 @@
 //! volume_prefix = "ctrd"                      # names of the volumes this instance owns
 //! metrics_address = "127.0.0.1:9137"          # optional: Prometheus text on GET /metrics
 //! read_ahead_kb = 1024                        # read-ahead of a local volume's loop device
+//! fd_keeper = "auto"                          # keep FUSE connections across restarts (NFS, RBD)
 //!
 //! [backend]                                   # where volumes live
 //! kind = "btrfs"
@@ -39,6 +40,15 @@ Configuration file keys (TOML; unknown keys are refused):
                    (default 1024; 0 leaves the device alone). A container's first reads
                    of large binaries then go through the loop in fewer, larger requests;
                    the kernel's 128 is put back when the snapshotter unmounts it
+  fd_keeper        who holds the FUSE connections of volumes served by this process
+                   (backends without local files: NFS, RBD), so that running
+                   containers keep their IO across a crash or restart of it:
+                   \"auto\" (default): a keeper process, this executable run as
+                   `--fd-keeper <root>/keeper.sock`, started when none answers there
+                   (none when the executable is not slacker-snapshotter, e.g. a program
+                   embedding the library: name the binary then); \"off\": none (a
+                   restart then breaks running containers' IO); or the path of a
+                   slacker-snapshotter binary to run as the keeper
   [backend]        where volumes live (the table every slacker program shares):
     kind = \"btrfs\", path = DIR        a directory on a btrfs (volumes are local files)
     kind = \"nfs\", server = HOST:PORT, dir = NAME
@@ -80,6 +90,9 @@ pub struct Config {
     /// device alone.
     #[serde(default = "default_read_ahead_kb")]
     pub read_ahead_kb: u32,
+    /// Who holds the FUSE connections across restarts (backends without local files).
+    #[serde(default)]
+    pub fd_keeper: FdKeeper,
     /// Where volumes live: the shared `[backend]` table of [`slacker_config`].
     pub backend: BackendConfig,
     /// The block cache of the lazy data path.
@@ -88,6 +101,61 @@ pub struct Config {
     /// Registries the snapshotter fetches reference layers from (remote snapshots).
     #[serde(default)]
     pub registry: RegistryConfig,
+}
+
+/// The `fd_keeper` key: which program, if any, runs the [`keeper`](crate::keeper)
+/// process that holds the FUSE connections of lazily served volumes (backends without
+/// local files) across a crash or restart of the snapshotter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+#[non_exhaustive]
+pub enum FdKeeper {
+    /// `"auto"`: this executable, when it is `slacker-snapshotter`; none otherwise.
+    #[default]
+    Auto,
+    /// `"off"`: no keeper (a restart breaks running containers' IO, as before step 2 of
+    /// `docs/fuse-handover.md`).
+    Off,
+    /// A path: that `slacker-snapshotter` binary.
+    Program(PathBuf),
+}
+
+impl TryFrom<String> for FdKeeper {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            p if Path::new(p).is_absolute() => Ok(Self::Program(PathBuf::from(p))),
+            other => Err(format!(
+                "fd_keeper {other:?}: \"auto\", \"off\" or an absolute path of slacker-snapshotter"
+            )),
+        }
+    }
+}
+
+impl FdKeeper {
+    /// The program to run as the keeper, if any (for `Auto`: this process's executable
+    /// when its name is `slacker-snapshotter`; after an upgrade replaced it on disk, the
+    /// new binary at the same path).
+    pub fn program(&self) -> Option<PathBuf> {
+        match self {
+            Self::Off => None,
+            Self::Program(p) => Some(p.clone()),
+            Self::Auto => {
+                let exe = std::env::current_exe().ok()?;
+                // Replaced on disk since it started (an upgrade): the path names the new
+                // binary, which is the one to run.
+                let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+                    Some(p) => PathBuf::from(p),
+                    None => exe,
+                };
+                let name = exe.file_name()?.to_string_lossy().into_owned();
+                name.starts_with("slacker-snapshotter").then_some(exe)
+            }
+        }
+    }
 }
 
 /// The `[registry]` table.
@@ -256,10 +324,27 @@ mod tests {
             "volume_prefix = \"UPPER\"\n",
             "volume_bytes = 1000\n",
             "[cache]\nbites = 1\n",
+            "fd_keeper = \"relative/path\"\n",
+            "fd_keeper = true\n",
         ] {
             let text = format!("{base}{extra}[backend]\nkind = \"btrfs\"\npath = \"/b\"\n");
             assert!(Config::from_toml(&text).is_err(), "{extra}");
         }
+        let keeper = |v: &str| {
+            let text =
+                format!("{base}fd_keeper = {v}\n[backend]\nkind = \"btrfs\"\npath = \"/b\"\n");
+            Config::from_toml(&text).unwrap().fd_keeper
+        };
+        assert_eq!(keeper("\"off\""), FdKeeper::Off);
+        assert_eq!(keeper("\"auto\""), FdKeeper::Auto);
+        assert_eq!(
+            keeper("\"/usr/bin/slacker-snapshotter\""),
+            FdKeeper::Program("/usr/bin/slacker-snapshotter".into())
+        );
+        // This test binary is not slacker-snapshotter: "auto" names no keeper for it, as
+        // for any program embedding the library.
+        assert_eq!(FdKeeper::Auto.program(), None);
+        assert_eq!(FdKeeper::Off.program(), None);
         let unknown_kind = format!("{base}[backend]\nkind = \"floppy\"\n");
         assert!(Config::from_toml(&unknown_kind).is_err());
     }

@@ -11,28 +11,75 @@
 //! **Restarts.** The path of a volume's file is a function of its name, so a restarted
 //! process ([`DataPath::reserve`]) serves every active volume again at the same path:
 //! `Mounts` answers what it answered before, and new mounts work. A loop device that a
-//! running container's root filesystem sits on, however, holds the *old* FUSE file (the
-//! kernel's open file of the dead connection); a new FUSE mount at the same path is a new
-//! filesystem, and the kernel offers no way to hand a dead FUSE connection's open files
-//! to a new daemon. Such a container sees IO errors until it is restarted; nothing
-//! acknowledged is lost (it is on the storage, and a new mount of the same snapshot shows
-//! it). The dead mount is detached lazily (`umount -l`) so the path can be served again.
-//! The fix is to keep the connection from dying (a `FUSE_DEV_IOC_CLONE` descriptor held by
-//! systemd's fd store or a keeper process, resumed without INIT, unanswered requests
-//! replayed with `FUSE_NOTIFY_RESEND`): `docs/fuse-handover.md`, not built yet.
+//! running container's root filesystem sits on holds the kernel's open file of the FUSE
+//! connection it was made on, so that connection must not die with the process: every
+//! session's serving `/dev/fuse` file is handed to a [keeper process](crate::keeper)
+//! ([`DataPath::with_keeper`], config `fd_keeper`) as soon as the session starts. After a
+//! crash (kill -9) the kernel keeps the connection while the keeper holds the file: the
+//! container's requests wait instead of failing. The restarted process asks the keeper
+//! for what it holds, resumes the connection of every volume that is still active
+//! ([`FuseSession::resume`]: no `INIT`, then `FUSE_NOTIFY_RESEND` so that the requests
+//! the dead process had read but not answered are served too) and tells it to close the
+//! rest (that aborts those connections). A resumed session is stopped, unmounted and
+//! released like any other. Nothing acknowledged is ever lost: writes are acknowledged
+//! only once the storage has them.
+//!
+//! Without a keeper (`fd_keeper = "off"`, an embedding program that names none, the keeper
+//! killed), the connection dies with the process; a new FUSE mount at the same path is a
+//! new filesystem, and a container on the old one sees IO errors until it is restarted.
+//! The dead mount is detached lazily (`umount -l`) so the path can be served again. On a
+//! kernel before 6.9 (no `FUSE_NOTIFY_RESEND`) the few requests in flight at the crash
+//! stay unanswered (their callers hang); every later request is served.
+//! `docs/fuse-handover.md` has the design.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use slacker_core::worker::{BlockCache, LazyVolume, LazyVolumeOptions, Metrics, MetricsRecorder};
 use slacker_core::{Backend, VolumeId};
-use slacker_fuse::{FuseOptions, FuseSession};
+use slacker_fuse::{FuseOptions, FuseSession, Negotiated};
 use tokio::sync::Mutex;
 
 use crate::host;
+use crate::keeper::{KeeperClient, KeeperError, Kept};
+
+/// The keeper a data path hands its sessions' files to (see the [module docs](self)).
+#[derive(Debug)]
+struct Keeper {
+    socket: PathBuf,
+    program: PathBuf,
+    client: std::sync::Mutex<Option<KeeperClient>>,
+}
+
+impl Keeper {
+    /// Runs `f` on the connection, connecting (and starting a keeper) first if there is
+    /// none; after a failure, once more on a new connection. The flag says whether the
+    /// call went to a new connection (possibly a new keeper, which holds nothing yet).
+    /// Blocking.
+    fn call<T>(
+        &self,
+        f: impl Fn(&KeeperClient) -> Result<T, KeeperError>,
+    ) -> Result<(T, bool), KeeperError> {
+        let mut client = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = client.as_ref() {
+            match f(c) {
+                Ok(v) => return Ok((v, false)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fd keeper: the call failed; connecting again");
+                    *client = None;
+                }
+            }
+        }
+        let c = KeeperClient::connect_or_start(&self.socket, &self.program)?;
+        let r = f(&c);
+        *client = Some(c);
+        r.map(|v| (v, true))
+    }
+}
 
 /// Serves volumes as files (see the [module docs](self)).
 pub struct DataPath {
@@ -42,6 +89,12 @@ pub struct DataPath {
     cache: Arc<BlockCache>,
     recorder: Arc<MetricsRecorder>,
     sessions: Mutex<HashMap<String, FuseSession>>,
+    keeper: Option<Arc<Keeper>>,
+}
+
+/// A session's kept file, as the keeper gets it.
+fn kept_of(name: &str, s: &FuseSession) -> io::Result<(String, Negotiated, OwnedFd)> {
+    Ok((name.to_owned(), s.negotiated(), s.keep_fd()?))
 }
 
 impl std::fmt::Debug for DataPath {
@@ -49,6 +102,7 @@ impl std::fmt::Debug for DataPath {
         f.debug_struct("DataPath")
             .field("local", &self.local)
             .field("dir", &self.dir)
+            .field("keeper", &self.keeper.as_ref().map(|k| &k.socket))
             .finish_non_exhaustive()
     }
 }
@@ -69,7 +123,22 @@ impl DataPath {
             cache: Arc::new(BlockCache::new(cache_bytes)),
             recorder: Arc::new(MetricsRecorder::new()),
             sessions: Mutex::new(HashMap::new()),
+            keeper: None,
         }
+    }
+
+    /// Hands every FUSE session's serving file to the keeper at `socket`, started as
+    /// `program --fd-keeper socket` when none answers there (see the [module docs](self)).
+    /// No effect on a backend with local files (no FUSE: nothing to keep).
+    pub fn with_keeper(mut self, socket: PathBuf, program: PathBuf) -> Self {
+        if !self.local {
+            self.keeper = Some(Arc::new(Keeper {
+                socket,
+                program,
+                client: std::sync::Mutex::new(None),
+            }));
+        }
+        self
     }
 
     /// Whether volumes are local files (no FUSE).
@@ -100,14 +169,7 @@ impl DataPath {
             return Ok(s.image_path());
         }
         let mountpoint = self.dir.join(vol.as_str());
-        let volume = LazyVolume::open(
-            Arc::clone(&self.backend),
-            vol.clone(),
-            Arc::clone(&self.cache),
-            LazyVolumeOptions::default().with_metrics(Arc::clone(&self.recorder)),
-        )
-        .await
-        .map_err(other)?;
+        let volume = self.open_volume(vol).await?;
         let session = tokio::task::spawn_blocking(move || {
             detach_stale(&mountpoint)?;
             std::fs::create_dir_all(&mountpoint)?;
@@ -115,20 +177,150 @@ impl DataPath {
         })
         .await
         .map_err(other)??;
+        if let Some(k) = &self.keeper {
+            let mine = kept_of(vol.as_str(), &session)?;
+            let k1 = Arc::clone(k);
+            let fresh = tokio::task::spawn_blocking(move || {
+                let (name, negotiated, fd) = &mine;
+                k1.call(|c| c.keep(name, *negotiated, fd.as_fd()))
+                    .map(|((), fresh)| fresh)
+            })
+            .await
+            .map_err(other)?;
+            match fresh {
+                // A new connection, maybe a new keeper (the old one killed): it gets every
+                // other session's file too.
+                Ok(true) if !sessions.is_empty() => {
+                    let others = sessions
+                        .iter()
+                        .map(|(v, s)| kept_of(v, s))
+                        .collect::<io::Result<Vec<_>>>()?;
+                    let k = Arc::clone(k);
+                    let r = tokio::task::spawn_blocking(move || {
+                        others.iter().try_for_each(|(v, n, fd)| {
+                            k.call(|c| c.keep(v, *n, fd.as_fd())).map(drop)
+                        })
+                    })
+                    .await
+                    .map_err(other)?;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "fd keeper: handing it the other sessions failed");
+                    }
+                }
+                Ok(_) => {}
+                // Without it the session still serves; only a crash would break it.
+                Err(e) => {
+                    tracing::warn!(volume = %vol, error = %e, "fd keeper: the FUSE connection is not kept; a crash of this process would break its container's IO")
+                }
+            }
+        }
         let image = session.image_path();
         sessions.insert(vol.as_str().to_owned(), session);
         Ok(image)
     }
 
-    /// Serves every volume of `vols` again (after a restart). A volume that fails is
-    /// reported and skipped: `Mounts` of it tries again.
+    async fn open_volume(&self, vol: &VolumeId) -> io::Result<LazyVolume> {
+        LazyVolume::open(
+            Arc::clone(&self.backend),
+            vol.clone(),
+            Arc::clone(&self.cache),
+            LazyVolumeOptions::default().with_metrics(Arc::clone(&self.recorder)),
+        )
+        .await
+        .map_err(other)
+    }
+
+    /// Resumes the kept connection `kept` of active volume `vol` (its mount still there).
+    async fn resume(&self, vol: &VolumeId, kept: Kept) -> io::Result<()> {
+        let mut sessions = self.sessions.lock().await;
+        let mountpoint = self.dir.join(vol.as_str());
+        let volume = self.open_volume(vol).await?;
+        let Kept { negotiated, fd, .. } = kept;
+        let session = tokio::task::spawn_blocking(move || {
+            FuseSession::resume(fd, negotiated, volume, &mountpoint, &FuseOptions::default())
+        })
+        .await
+        .map_err(other)??;
+        sessions.insert(vol.as_str().to_owned(), session);
+        Ok(())
+    }
+
+    /// Tells the keeper (if any) to close what it holds for `vol`. Blocking.
+    fn forget(keeper: Option<&Keeper>, vol: &str) {
+        let Some(k) = keeper else {
+            return;
+        };
+        if let Err(e) = k.call(|c| c.forget(vol)) {
+            tracing::warn!(volume = %vol, error = %e, "fd keeper: forgetting a connection failed (it closes it itself once the connection ends)");
+        }
+    }
+
+    /// Serves every volume of `vols` (the active and view volumes) again after a
+    /// restart: the keeper's connection of each, resumed, where it holds one; else a new
+    /// FUSE session (over a lazily detached dead mount). The keeper's connections of
+    /// other volumes are closed (aborted) and their mounts detached lazily. A volume that
+    /// fails is reported and skipped: `Mounts` of it tries again.
     pub async fn reserve(&self, vols: &[VolumeId]) {
         if self.local {
             return;
         }
+        if let Some(k) = &self.keeper {
+            let k2 = Arc::clone(k);
+            let listed = tokio::task::spawn_blocking(move || k2.call(|c| c.list())).await;
+            let kept = match listed {
+                Ok(Ok((kept, _))) => kept,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "fd keeper: nothing to resume");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fd keeper: nothing to resume");
+                    Vec::new()
+                }
+            };
+            for kept in kept {
+                let name = kept.volume.clone();
+                let active = vols.iter().find(|v| v.as_str() == name);
+                let resumed = match active {
+                    Some(v) => match self.resume(v, kept).await {
+                        Ok(()) => {
+                            tracing::info!(volume = %name, "FUSE connection resumed from the fd keeper");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %name, error = %e, "resuming the kept FUSE connection failed; serving it anew");
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                if !resumed {
+                    let k = Arc::clone(k);
+                    // Not an active volume (removed while still mounted): its dead mount
+                    // is detached too, as `file` detaches an active volume's.
+                    let stale = active.is_none().then(|| self.dir.join(&name));
+                    let r = tokio::task::spawn_blocking(move || {
+                        Self::forget(Some(&k), &name);
+                        match stale {
+                            Some(mp) => detach_stale(&mp).and_then(|()| {
+                                std::fs::remove_dir(&mp).or_else(|e| match e.kind() {
+                                    io::ErrorKind::NotFound => Ok(()),
+                                    _ => Err(e),
+                                })
+                            }),
+                            None => Ok(()),
+                        }
+                    })
+                    .await;
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!(error = %e, "detaching the mount of a volume no longer served");
+                    }
+                }
+            }
+        }
         for v in vols {
             if let Err(e) = self.file(v).await {
-                eprintln!("slacker-snapshotter: serving {v} again: {e}");
+                tracing::warn!(volume = %v, error = %e, "serving the volume again failed");
             }
         }
     }
@@ -159,6 +351,8 @@ impl DataPath {
         let Some(session) = sessions.remove(vol.as_str()) else {
             return Ok(true);
         };
+        let keeper = self.keeper.clone();
+        let name = vol.as_str().to_owned();
         let (session, freed) = tokio::task::spawn_blocking(move || {
             let image = session.image_path();
             let t = Instant::now();
@@ -170,6 +364,10 @@ impl DataPath {
             }
             let mountpoint = session.mountpoint().to_owned();
             let r = session.stop();
+            if r.is_ok() {
+                // Unmounted: the connection is gone; the keeper's file of it goes too.
+                Self::forget(keeper.as_deref(), &name);
+            }
             let _ = std::fs::remove_dir(&mountpoint);
             (None, r.map(|()| true))
         })

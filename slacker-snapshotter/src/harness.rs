@@ -256,7 +256,33 @@ pub fn write_config(dir: &Path, backend: &str, extra: &str) -> io::Result<PathBu
     Ok(cfg)
 }
 
-/// A running snapshotter process; killed (SIGKILL) on drop.
+/// Live (not zombie) processes running `--fd-keeper <socket>`: the keepers
+/// ([`crate::keeper`]) of the snapshotter whose keeper socket is `socket`.
+pub fn keeper_pids(socket: &Path) -> Vec<u32> {
+    let want = format!("{}\0{}\0", crate::keeper::FLAG, socket.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next().map(|st| st == "Z"))
+            })
+            .unwrap_or(true);
+        if String::from_utf8_lossy(&cmdline).contains(&want) && !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A running snapshotter process; killed (SIGKILL) on drop, with its fd keeper (if any:
+/// a keeper holding connections of a test's mounts would make their teardown wait for a
+/// snapshotter that is not coming back).
 #[derive(Debug)]
 pub struct SnapshotterProcess {
     /// The process.
@@ -267,6 +293,8 @@ pub struct SnapshotterProcess {
     pub config: PathBuf,
     /// Its stdout and stderr.
     pub log: PathBuf,
+    /// Its fd keeper's socket (`<root>/keeper.sock`).
+    pub keeper_socket: Option<PathBuf>,
 }
 
 impl SnapshotterProcess {
@@ -299,11 +327,15 @@ impl SnapshotterProcess {
                     format!("{} does not start: {e}", program.display()),
                 )
             })?;
+        let keeper_socket = crate::Config::load(config)
+            .ok()
+            .map(|c| c.root.join(crate::keeper::SOCKET_NAME));
         let mut s = Self {
             child,
             socket,
             config: config.to_owned(),
             log,
+            keeper_socket,
         };
         let t = Instant::now();
         while !s.socket.exists() {
@@ -325,7 +357,8 @@ impl SnapshotterProcess {
         Ok(s)
     }
 
-    /// SIGKILLs the process and waits for it.
+    /// SIGKILLs the process and waits for it (its fd keeper stays: a restarted
+    /// snapshotter resumes the connections it holds).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -335,5 +368,10 @@ impl SnapshotterProcess {
 impl Drop for SnapshotterProcess {
     fn drop(&mut self) {
         self.kill();
+        if let Some(socket) = &self.keeper_socket {
+            for pid in keeper_pids(socket) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
     }
 }

@@ -44,11 +44,13 @@
 //! **Restarts.** Metadata is durable (see [`service`]); a restarted process serves every
 //! snapshot again, and containerd's client reconnects after a short backoff (calls in
 //! between fail with `Unavailable`). On btrfs, containers keep running through a restart:
-//! their root filesystems are kernel loop mounts of volume files. On NFS, the restarted
-//! process serves every active volume again at the same path, so `Mounts` and new mounts
-//! work and every synced write is there; but a loop device made before the restart holds
-//! the dead FUSE connection's file (the kernel cannot hand it to a new daemon), so a
-//! container running across a kill -9 sees IO errors until it is restarted.
+//! their root filesystems are kernel loop mounts of volume files. On NFS (and RBD) they
+//! sit on FUSE connections this process serves; a small [`keeper`] process
+//! (`slacker-snapshotter --fd-keeper`, started on demand, config `fd_keeper`) holds every
+//! connection's `/dev/fuse` file, so a crash or restart (kill -9 included) only pauses
+//! the containers' IO: the restarted process resumes each active volume's connection
+//! ([`datapath`], "Restarts"). Without a keeper, a container running across a restart
+//! sees IO errors until it is restarted; nothing acknowledged is lost either way.
 //! The semantics are in [`service`]; the configuration file in [`config`] (an example:
 //! `slacker-snapshotter/examples/config.toml`, a systemd unit:
 //! `slacker-snapshotter/slacker-snapshotter.service`).
@@ -62,6 +64,7 @@ pub mod datapath;
 pub mod filter;
 pub mod harness;
 pub mod host;
+pub mod keeper;
 pub mod metrics;
 pub mod remote;
 pub mod service;

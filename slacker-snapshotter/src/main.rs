@@ -1,21 +1,34 @@
 //! `slacker-snapshotter --config FILE`: serves containerd's snapshots API on slacker
-//! volumes (see the library docs).
+//! volumes (see the library docs). `slacker-snapshotter --fd-keeper SOCKET` is the
+//! keeper process the snapshotter starts itself (`slacker_snapshotter::keeper`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use slacker_snapshotter::{Config, SlackerSnapshotter, config::KEYS_HELP};
+use slacker_snapshotter::{Config, SlackerSnapshotter, config::KEYS_HELP, keeper};
 
 fn usage() -> String {
     format!(
         "slacker-snapshotter: a containerd snapshotter (proxy plugin) on slacker volumes\n\n\
-         Usage: slacker-snapshotter --config FILE\n\n\
-         Options:\n  --config FILE   the configuration file (TOML)\n  --help          this text\n\n\
+         Usage: slacker-snapshotter --config FILE\n\
+         \x20      slacker-snapshotter --fd-keeper SOCKET\n\n\
+         Options:\n  --config FILE   the configuration file (TOML)\n\
+         \x20 --fd-keeper SOCKET\n\
+         \x20                 run as the keeper process that holds the FUSE connections of\n\
+         \x20                 lazily served volumes (NFS, RBD) across a crash or restart of\n\
+         \x20                 the snapshotter; the snapshotter starts it itself on\n\
+         \x20                 <root>/keeper.sock (see fd_keeper below); it exits once it\n\
+         \x20                 holds nothing and no snapshotter is connected\n\
+         \x20 --help          this text\n\n\
          {KEYS_HELP}"
     )
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .init();
     let mut args = std::env::args().skip(1);
     let mut config = None;
     while let Some(a) = args.next() {
@@ -23,6 +36,24 @@ fn main() -> ExitCode {
             "--help" | "-h" => {
                 print!("{}", usage());
                 return ExitCode::SUCCESS;
+            }
+            keeper::FLAG => {
+                let Some(socket) = args.next().map(PathBuf::from) else {
+                    eprintln!(
+                        "{} SOCKET: the socket is missing\n\n{}",
+                        keeper::FLAG,
+                        usage()
+                    );
+                    return ExitCode::from(2);
+                };
+                keeper::detach();
+                return match keeper::run(&socket) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("slacker-snapshotter: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
             }
             "--config" => config = args.next().map(PathBuf::from),
             other => {

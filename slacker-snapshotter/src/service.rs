@@ -50,11 +50,11 @@ use slacker_core::persist::{DirStore, MetaStore, TEMP_SUFFIX};
 use slacker_core::{Backend, Error, ErrorKind, SnapshotId, VolumeId, VolumeOptions};
 use tokio::sync::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, FdKeeper};
 use crate::datapath::DataPath;
 use crate::filter::Filters;
 use crate::remote::{Remote, RemoteError};
-use crate::{apply, host};
+use crate::{apply, host, keeper};
 
 /// Label containerd's unpacker puts on a layer's `Prepare`: the chain id it will
 /// commit under.
@@ -260,11 +260,22 @@ impl SlackerSnapshotter {
         std::fs::create_dir_all(&mnt).map_err(|e| cfg_err("mnt", e))?;
         let meta: Arc<dyn MetaStore> = Arc::new(meta);
         let config_plain_http = config.registry.plain_http.clone();
-        let data = DataPath::new(
+        let mut data = DataPath::new(
             Arc::clone(&backend),
             config.root.join("fuse"),
             config.cache.bytes,
         );
+        if !data.is_local() {
+            match config.fd_keeper.program() {
+                Some(program) => {
+                    data = data.with_keeper(config.root.join(keeper::SOCKET_NAME), program);
+                }
+                None if config.fd_keeper == FdKeeper::Off => {}
+                None => tracing::warn!(
+                    "fd_keeper = \"auto\" but this executable is not slacker-snapshotter: no fd keeper (name one in fd_keeper); a restart of this process breaks the IO of running containers"
+                ),
+            }
+        }
         let mut state = State::default();
         for name in meta.list().map_err(|e| cfg_err("meta", e))? {
             let data = meta

@@ -594,3 +594,244 @@ fn ctr_pulls_and_runs_standard_and_slacker_images_on_nfs() {
     unmount_under(&dir);
     drop(registry);
 }
+
+/// Issue 10's acceptance point 3 on NFS, where every container's root filesystem is
+/// ext4 on a loop device over a file the snapshotter serves through FUSE: kill -9 during
+/// a pull and while a container runs; start again; the retried pull succeeds and the
+/// running container keeps reading (O_DIRECT, through the resumed FUSE connection, from
+/// a cold cache) and writing (with `sync`) — the fd keeper held its connection while no
+/// snapshotter ran. `SLACKER_TEST_FD_KEEPER=off` runs without the keeper: the container's
+/// IO then fails and the test fails at "the container stopped writing after the restart".
+#[test]
+fn kill_9_during_a_pull_and_while_a_container_runs_on_nfs() {
+    if let Some(why) = missing(&[
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "busybox",
+        "mkfs.ext4",
+        "debugfs",
+        "fsfreeze",
+    ]) {
+        skip_or_fail::<()>(why);
+        return;
+    }
+    let Some(nfs) = nfs_addr() else {
+        return;
+    };
+    let Some(registry) = registry() else {
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("slk-snap-ctrk9-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_owned();
+    let rt = runtime();
+    let client = RegistryClient::new(ClientOptions::plain_http());
+    let addr = registry.addr().to_owned();
+    let root = dir.join("rootfs");
+    busybox_root(&root);
+    // Read by the container with O_DIRECT in every round (from the storage, through FUSE).
+    std::fs::create_dir_all(root.join("opt")).unwrap();
+    std::fs::write(
+        root.join("opt/data"),
+        (0..1u32 << 20).map(|i| (i * 7) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let small = format!("{addr}/slk/small-nfs:1");
+    rt.block_on(client.push_layers(
+        &small,
+        vec![PushLayer::tar_gzip(&layer_tar(&root, &[]), 1)],
+        None,
+    ))
+    .unwrap();
+    // A second image with a 24 MiB layer, so that a pull takes long enough to be killed.
+    let big = dir.join("big");
+    std::fs::create_dir_all(big.join("big")).unwrap();
+    let noise: Vec<u8> = (0..24u64 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(big.join("big/blob"), noise).unwrap();
+    let large = format!("{addr}/slk/large-nfs:1");
+    rt.block_on(client.push_layers(
+        &large,
+        vec![
+            PushLayer::tar_gzip(&layer_tar(&root, &[]), 1),
+            PushLayer::tar(layer_tar(&big, &[])),
+        ],
+        None,
+    ))
+    .unwrap();
+
+    let nfs_dir = format!("ctrk9-{}", ns());
+    let cfg = write_config(
+        &dir,
+        &format!("kind = \"nfs\"\nserver = \"{nfs}\"\ndir = \"{nfs_dir}\""),
+        fd_keeper_extra(),
+    );
+    let mut snap = snapshotter(&cfg);
+    let ctrd = containerd(&dir, &snap.socket, &ns());
+    // Dropped before containerd: a failed run kills the keeper first, so that processes
+    // waiting on its connections get EIO and containerd's teardown does not hang.
+    let socket = dir.join("root/keeper.sock");
+    let _cleanup = KeeperCleanup {
+        socket: socket.clone(),
+        dir: dir.clone(),
+    };
+    ctrd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "slacker",
+        &small,
+    ])
+    .unwrap();
+    ctrd.ctr(&[
+        "run", "-d", "--snapshotter", "slacker", &small, "writer", "/bin/sh", "-c",
+        "i=0; while true; do echo $i >> /tmp/log; busybox sync; \
+         busybox dd if=/opt/data of=/dev/null bs=1M iflag=direct 2>/dev/null && echo $i >> /tmp/reads; \
+         cat /etc/hostname > /tmp/read.new; mv /tmp/read.new /tmp/read; i=$((i+1)); sleep 0.05; done",
+    ])
+    .unwrap();
+    let rootfs = ctrd.rootfs("writer");
+    let (log, reads) = (rootfs.join("tmp/log"), rootfs.join("tmp/reads"));
+    assert!(
+        wait_until(Duration::from_secs(60), || lines_in(&reads) >= 2),
+        "the container does not run"
+    );
+    let keepers = keeper_pids(&socket);
+
+    // kill -9 during a pull.
+    let mut pull = ctrd
+        .ctr_command()
+        .args([
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            &large,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while staging_docs(&dir.join("root/meta")).is_empty() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    snap.kill();
+    let killed_pull = pull.wait().unwrap();
+    eprintln!("pull interrupted by kill -9: {killed_pull}");
+    assert!(
+        !staging_docs(&dir.join("root/meta")).is_empty(),
+        "the pull was killed before its Prepare"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+
+    let snap2 = snapshotter(&cfg);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match ctrd.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "slacker",
+            &large,
+        ]) {
+            Ok(_) => break,
+            Err(e) if attempts < 20 && e.to_string().contains("unavailable") => {
+                std::thread::sleep(Duration::from_millis(500))
+            }
+            Err(e) => panic!("the retried pull failed (attempt {attempts}): {e}"),
+        }
+    }
+    eprintln!("retried pull succeeded at attempt {attempts}");
+    let out = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "slacker",
+            &large,
+            "after",
+            "/bin/sh",
+            "-c",
+            "echo hello; ls /big",
+        ])
+        .unwrap();
+    assert_eq!(out, "hello\nblob\n");
+    // The container that ran across the kill: it writes (and syncs) and reads again.
+    let (log_before, reads_before) = (lines_in(&log), lines_in(&reads));
+    assert!(
+        wait_until(Duration::from_secs(30), || lines_in(&log) > log_before + 3
+            && lines_in(&reads) > reads_before + 3),
+        "the container stopped writing after the restart: log {} -> {}, reads {} -> {}",
+        log_before,
+        lines_in(&log),
+        reads_before,
+        lines_in(&reads)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/read")).unwrap(),
+        "slacker\n"
+    );
+    assert_eq!(keepers.len(), 1, "one keeper: {keepers:?}");
+    assert_eq!(keeper_pids(&socket), keepers, "the same keeper");
+
+    // Walk and the storage agree: one volume per active/view snapshot, nothing leaked.
+    ctrd.remove_container("writer").unwrap();
+    assert_eq!(walked_volume_owners(&ctrd), 0);
+    let backend_volumes = || {
+        rt.block_on(async {
+            let b = slacker_config::BackendConfig::nfs(nfs.clone(), nfs_dir.clone())
+                .open()
+                .await
+                .unwrap();
+            b.list_volumes()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| v.to_string())
+                .filter(|v| v.starts_with("ctrd-") && v != "ctrd-base")
+                .collect::<Vec<_>>()
+        })
+    };
+    // containerd's garbage collector removes the snapshot shortly after.
+    assert!(
+        wait_until(Duration::from_secs(30), || backend_volumes().is_empty()),
+        "a volume leaked: {:?}",
+        backend_volumes()
+    );
+    assert_eq!(
+        fuse_fds(snap2.child.id()),
+        0,
+        "the snapshotter's /dev/fuse files"
+    );
+    for &k in &keepers {
+        assert!(
+            wait_until(Duration::from_secs(5), || fuse_fds(k) == 0),
+            "the keeper still holds {} /dev/fuse files",
+            fuse_fds(k)
+        );
+    }
+    drop(ctrd);
+    // kill, not drop: dropping kills the keeper too.
+    let mut snap2 = snap2;
+    snap2.kill();
+    assert!(
+        wait_until(
+            slacker_snapshotter::keeper::IDLE_EXIT + Duration::from_secs(5),
+            || keeper_pids(&socket).is_empty()
+        ),
+        "the keeper did not exit: {:?}",
+        keeper_pids(&socket)
+    );
+    assert_eq!(mounts_and_loops_under(&dir), Vec::<String>::new());
+    drop(registry);
+}

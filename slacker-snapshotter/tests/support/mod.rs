@@ -57,7 +57,7 @@ pub fn sh(cmd: &mut Command) -> Result<String, String> {
     harness::run(cmd).map_err(|e| e.to_string())
 }
 
-pub use slacker_snapshotter::harness::{self, Containerd, unmount_under};
+pub use slacker_snapshotter::harness::{self, Containerd, keeper_pids, unmount_under};
 
 /// A loop-mounted btrfs in a temporary directory; dropping it unmounts everything
 /// under it.
@@ -238,4 +238,76 @@ pub fn containerd_suite() -> Result<PathBuf, String> {
         .env("GOFLAGS", ""))?;
     tmp.persist(&out).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// The snapshotter's configuration switch for the keeper in the tests: `fd_keeper =
+/// "off"` when `SLACKER_TEST_FD_KEEPER=off` (to show a keeper test failing without the
+/// keeper), else nothing (the default, `auto`).
+pub fn fd_keeper_extra() -> &'static str {
+    if std::env::var("SLACKER_TEST_FD_KEEPER").as_deref() == Ok("off") {
+        eprintln!("SLACKER_TEST_FD_KEEPER=off: the snapshotter runs without its fd keeper");
+        "fd_keeper = \"off\""
+    } else {
+        ""
+    }
+}
+
+/// How many descriptors of `/dev/fuse` process `pid` holds.
+pub fn fuse_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/dev/fuse")))
+        .count()
+}
+
+/// Waits (at most `timeout`) until `f` holds.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while !f() {
+        if t.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// Kills the keepers of `socket` (SIGKILL: their FUSE connections abort, so processes
+/// waiting on them get `EIO` and the mounts can go) and unmounts everything under `dir`,
+/// on drop: the clean-up of a keeper test, also when it fails.
+pub struct KeeperCleanup {
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Drop for KeeperCleanup {
+    fn drop(&mut self) {
+        for pid in keeper_pids(&self.socket) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        unmount_under(&self.dir);
+    }
+}
+
+/// Mount points under `dir` (this mount namespace) and loop devices backed by files
+/// under it.
+pub fn mounts_and_loops_under(dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().into_owned();
+    let mut out: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&d))
+        .map(|m| format!("mount {m}"))
+        .collect();
+    if let Ok(o) = sh(Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE", "-l"])) {
+        out.extend(
+            o.lines()
+                .filter(|l| l.contains(&d))
+                .map(|l| format!("loop {l}")),
+        );
+    }
+    out
 }
