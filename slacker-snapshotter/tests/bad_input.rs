@@ -6,84 +6,11 @@
 
 mod support;
 
-use std::collections::HashMap;
-
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::tonic::transport::Channel;
-use containerd_snapshots::tonic::{Code, Status};
 use support::*;
-
-const SN: &str = "slacker";
-
-fn code<T>(r: Result<T, Status>) -> Code {
-    match r {
-        Ok(_) => Code::Ok,
-        Err(s) => s.code(),
-    }
-}
-
-async fn prepare(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-) -> Result<Vec<containerd_snapshots::api::types::Mount>, Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: SN.into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn commit(c: &mut SnapshotsClient<Channel>, name: &str, key: &str) -> Result<(), Status> {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: SN.into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: SN.into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn walk(c: &mut SnapshotsClient<Channel>) -> Vec<(String, i32)> {
-    use tokio_stream::StreamExt;
-    let mut s = c
-        .list(ListSnapshotsRequest {
-            snapshotter: SN.into(),
-            filters: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.next().await {
-        out.extend(r.unwrap().info.into_iter().map(|i| (i.name, i.kind)));
-    }
-    out.sort();
-    out
-}
 
 /// Prepares an extract- key, writes `doc` as the unpacked reference document into the
 /// upper directory it hands out, and commits it as `name`.
-async fn commit_reference(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    name: &str,
-    doc: &[u8],
-) -> Result<(), Status> {
+async fn commit_reference(c: &mut Client, key: &str, name: &str, doc: &[u8]) -> Result<(), Status> {
     let m = prepare(c, key, "").await.unwrap();
     assert_eq!(m[0].r#type, "overlay", "{m:?}");
     let upper = m[0]
@@ -106,11 +33,7 @@ fn bad_input_gets_typed_statuses_and_leaves_nothing_behind() {
     let Some((_fs, dir, data)) = btrfs_run("4G") else {
         return;
     };
-    let cfg = write_config(
-        &dir,
-        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
-        "",
-    );
+    let cfg = write_config(&dir, &btrfs_toml(&data), "");
     let snap = snapshotter(&cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -123,7 +46,7 @@ fn bad_input_gets_typed_statuses_and_leaves_nothing_behind() {
         // A key used twice.
         prepare(&mut c, "a", "").await.unwrap();
         assert_eq!(code(prepare(&mut c, "a", "").await), Code::AlreadyExists);
-        assert_eq!(code(c.view(ViewSnapshotRequest { snapshotter: SN.into(), key: "a".into(), parent: "".into(), labels: HashMap::new() }).await), Code::AlreadyExists);
+        assert_eq!(code(view(&mut c, "a", "").await), Code::AlreadyExists);
         commit(&mut c, "base", "a").await.unwrap();
         prepare(&mut c, "b", "base").await.unwrap();
         assert_eq!(code(commit(&mut c, "base", "b").await), Code::AlreadyExists);
@@ -150,13 +73,7 @@ fn bad_input_gets_typed_statuses_and_leaves_nothing_behind() {
         }
         // Nothing half-created: exactly the snapshots that succeeded, exactly their volumes.
         assert_eq!(walk(&mut c).await, vec![("b".to_owned(), 2), ("base".to_owned(), 3)]);
-        let mut vols: Vec<String> = std::fs::read_dir(data.join("volumes"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("ctrd-"))
-            .collect();
-        vols.sort();
+        let vols = btrfs_volumes(&data);
         assert_eq!(vols.len(), 1, "only b's volume: {vols:?}");
         let staged = std::fs::read_dir(dir.join("root/staging")).unwrap().count();
         assert_eq!(staged, 0, "staging directories left behind");

@@ -19,43 +19,13 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use containerd_snapshots::api::snapshots::v1::*;
 use containerd_snapshots::api::types::Mount;
-use containerd_snapshots::tonic::transport::Channel;
 use support::*;
-
-const SN: &str = "slacker";
-
-async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Vec<Mount> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: SN.into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("prepare {key} on {parent}: {e}"))
-    .into_inner()
-    .mounts
-}
-
-async fn commit(c: &mut SnapshotsClient<Channel>, name: &str, key: &str) {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: SN.into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("commit {key} as {name}: {e}"));
-}
 
 /// Mounts what Prepare/View returned at `dir` with util-linux `mount` (`-o loop` sets
 /// autoclear, as containerd's own loop setup does).
@@ -120,20 +90,16 @@ fn write_layer(root: &Path, i: usize) {
 /// One chain of `layers` layers under `work`: Prepare on the previous layer, mount,
 /// check the tree, write, (open a file if `hold`), `umount -l`, Commit, (close). Returns
 /// the layers whose Prepare showed a tree other than their parent's.
-async fn chain(
-    c: &mut SnapshotsClient<Channel>,
-    work: &Path,
-    name: &str,
-    layers: usize,
-    hold: bool,
-) -> Vec<String> {
+async fn chain(c: &mut Client, work: &Path, name: &str, layers: usize, hold: bool) -> Vec<String> {
     let mut stale = Vec::new();
     let mut parent = String::new();
     for i in 0..layers {
         let key = format!("{name}/prepare-{i}");
         let dir = work.join(format!("{name}-prepare-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let mounts = prepare(c, &key, &parent).await;
+        let mounts = prepare(c, &key, &parent)
+            .await
+            .unwrap_or_else(|e| panic!("prepare {key} on {parent}: {e}"));
         if let Err(e) = mount_all(&mounts, &dir) {
             stale.push(format!("{name} layer {i}: {e}"));
             return stale;
@@ -150,23 +116,17 @@ async fn chain(
         std::thread::sleep(std::time::Duration::from_millis(20));
         unmount_lazily(&dir);
         let committed = format!("{name}/committed-{i}");
-        commit(c, &committed, &key).await;
+        commit(c, &committed, &key)
+            .await
+            .unwrap_or_else(|e| panic!("commit {key} as {committed}: {e}"));
         drop(held);
         parent = committed;
     }
     let view = work.join(format!("{name}-view"));
     std::fs::create_dir_all(&view).unwrap();
-    let mounts = c
-        .view(ViewSnapshotRequest {
-            snapshotter: SN.into(),
-            key: format!("{name}/view"),
-            parent: parent.clone(),
-            labels: HashMap::new(),
-        })
+    let mounts = support::view(c, &format!("{name}/view"), &parent)
         .await
-        .unwrap()
-        .into_inner()
-        .mounts;
+        .unwrap();
     // A snapshot of a live ext4 needs journal recovery, which a read-only loop device
     // cannot give: the View does not mount.
     match mount_all(&mounts, &view) {
@@ -289,11 +249,7 @@ fn btrfs_backend() -> Option<(Btrfs, PathBuf, String)> {
         return None;
     }
     let (fs, dir, data) = btrfs_run("4G")?;
-    Some((
-        fs,
-        dir,
-        format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
-    ))
+    Some((fs, dir, btrfs_toml(&data)))
 }
 
 fn nfs_backend() -> Option<(tempfile::TempDir, String)> {
@@ -301,27 +257,9 @@ fn nfs_backend() -> Option<(tempfile::TempDir, String)> {
         skip_or_fail::<()>(why);
         return None;
     }
-    if !Path::new("/dev/fuse").exists() {
-        skip_or_fail::<()>("/dev/fuse is missing");
-        return None;
-    }
-    let addr = nfs_addr()?;
-    let dir = tempfile::Builder::new()
-        .prefix("slk-lazy-nfs-")
-        .tempdir()
-        .unwrap();
-    let nfs_dir = format!(
-        "lazy-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    Some((
-        dir,
-        format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
-    ))
+    let nfs = nfs_run("lazy")?;
+    let backend = nfs.toml();
+    Some((nfs.tmp, backend))
 }
 
 #[test]

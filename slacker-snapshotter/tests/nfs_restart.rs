@@ -20,57 +20,17 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::tonic::transport::Channel;
-use slacker_core::Backend;
-use slacker_snapshotter::keeper;
 use support::*;
 
-fn req(key: &str, parent: &str) -> PrepareSnapshotRequest {
-    PrepareSnapshotRequest {
-        snapshotter: "slacker".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    }
-}
-
-async fn mounts_of(c: &mut SnapshotsClient<Channel>, key: &str) -> String {
-    let m = c
-        .mounts(MountsRequest {
-            snapshotter: "slacker".into(),
-            key: key.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts;
+/// The ext4 image Mounts hands out for `key` (a file the snapshotter serves through FUSE).
+async fn mounts_of(c: &mut Client, key: &str) -> String {
+    let m = mounts(c, key).await.unwrap();
     assert_eq!(m[0].r#type, "ext4", "{m:?}");
     m[0].source.clone()
-}
-
-async fn walk(c: &mut SnapshotsClient<Channel>) -> Vec<String> {
-    use tokio_stream::StreamExt;
-    let mut s = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "slacker".into(),
-            filters: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.next().await {
-        out.extend(r.unwrap().info.into_iter().map(|i| i.name));
-    }
-    out.sort();
-    out
 }
 
 fn mount(src: &str, dir: &std::path::Path) {
@@ -135,26 +95,11 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
         skip_or_fail::<()>(why);
         return;
     }
-    let Some(addr) = nfs_addr() else {
+    let Some(nfs) = nfs_run("snaprestart") else {
         return;
     };
-    let dir = tempfile::Builder::new()
-        .prefix("slk-snap-nfsr-")
-        .tempdir()
-        .unwrap();
-    let nfs_dir = format!(
-        "snaprestart-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    let cfg = write_config(
-        dir.path(),
-        &format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
-        fd_keeper_extra(),
-    );
+    let dir = &nfs.tmp;
+    let cfg = write_config(dir.path(), &nfs.toml(), fd_keeper_extra());
     let socket = dir.path().join("root/keeper.sock");
     let _cleanup = KeeperCleanup {
         socket: socket.clone(),
@@ -181,7 +126,7 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
     let mut snap = snapshotter(&cfg);
     let before = rt.block_on(async {
         let mut c = connect(snap.socket.clone()).await;
-        c.prepare(req("a", "")).await.unwrap();
+        prepare(&mut c, "a", "").await.unwrap();
         let src = mounts_of(&mut c, "a").await;
         assert!(src.ends_with("/disk.img"), "served through FUSE: {src}");
         mount(&src, &m1);
@@ -197,17 +142,12 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
         sh(Command::new("sync").arg("-f").arg(m1.join("before"))).unwrap();
         // A snapshot removed while still mounted: its volume and session stay (until
         // the mount goes), no document names it.
-        c.prepare(req("z", "")).await.unwrap();
+        prepare(&mut c, "z", "").await.unwrap();
         let z = mounts_of(&mut c, "z").await;
         mount(&z, &mz);
         std::fs::write(mz.join("z"), vec![9u8; 1 << 20]).unwrap();
         sh(Command::new("sync").arg("-f").arg(mz.join("z"))).unwrap();
-        c.remove(RemoveSnapshotRequest {
-            snapshotter: "slacker".into(),
-            key: "z".into(),
-        })
-        .await
-        .unwrap();
+        remove(&mut c, "z").await.unwrap();
         (src, z)
     });
     let (before, z) = before;
@@ -333,22 +273,15 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
 
     rt.block_on(async {
         let mut c = connect(snap.socket.clone()).await;
-        assert_eq!(walk(&mut c).await, vec!["a".to_owned()]);
+        assert_eq!(walk(&mut c).await, [("a".to_owned(), 2)], "a, active");
         let again = mounts_of(&mut c, "a").await;
         assert_eq!(again, before, "the same path is served again");
         // The old mount goes (its loop device autoclears); the resumed session stops
         // like any other at the commit.
         sh(Command::new("umount").arg(&m1)).unwrap();
-        c.commit(CommitSnapshotRequest {
-            snapshotter: "slacker".into(),
-            name: "c1".into(),
-            key: "a".into(),
-            labels: HashMap::new(),
-        })
-        .await
-        .unwrap();
+        commit(&mut c, "c1", "a").await.unwrap();
         // Every write is on the storage: a clone of the committed snapshot shows it.
-        c.prepare(req("b", "c1")).await.unwrap();
+        prepare(&mut c, "b", "c1").await.unwrap();
         let src = mounts_of(&mut c, "b").await;
         mount(&src, &m3);
         let text = std::fs::read_to_string(m3.join("before")).unwrap();
@@ -363,60 +296,24 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
         assert_eq!(text, "written before the kill\n");
         assert_eq!(same, [true; 4], "big, cold, during, after on the storage");
         // Walk and the storage agree; removing everything leaves no volume.
-        assert_eq!(walk(&mut c).await, vec!["b".to_owned(), "c1".to_owned()]);
-        let backend = slacker_config::BackendConfig::nfs(addr.clone(), nfs_dir.clone())
-            .open()
-            .await
-            .unwrap();
-        let owned = |v: Vec<slacker_core::VolumeId>| {
-            v.into_iter()
-                .map(|v| v.to_string())
-                .filter(|v| v.starts_with("ctrd-") && v != "ctrd-base")
-                .collect::<Vec<_>>()
-        };
         assert_eq!(
-            owned(backend.list_volumes().await.unwrap()).len(),
-            1,
-            "b's volume"
+            walk(&mut c).await,
+            [("b".to_owned(), 2), ("c1".to_owned(), 3)],
+            "b active, c1 committed"
         );
+        assert_eq!(nfs.volumes().await.len(), 1, "b's volume");
         for k in ["b", "c1"] {
-            c.remove(RemoveSnapshotRequest {
-                snapshotter: "slacker".into(),
-                key: k.into(),
-            })
-            .await
-            .unwrap();
+            remove(&mut c, k).await.unwrap();
         }
         assert!(walk(&mut c).await.is_empty());
-        assert_eq!(
-            owned(backend.list_volumes().await.unwrap()),
-            Vec::<String>::new()
-        );
+        assert_eq!(nfs.volumes().await, Vec::<String>::new());
     });
     // Nothing left: no FUSE descriptor in the snapshotter or the keeper, no mount, no
     // loop device; once the snapshotter is gone, the keeper (holding nothing) exits.
-    assert_eq!(
-        fuse_fds(snap.child.id()),
-        0,
-        "the snapshotter's /dev/fuse files"
-    );
-    for &k in &keepers {
-        assert!(
-            wait_until(Duration::from_secs(5), || fuse_fds(k) == 0),
-            "the keeper still holds {} /dev/fuse files",
-            fuse_fds(k)
-        );
-    }
+    assert_no_fuse_fds(snap.child.id(), &keepers);
     assert_eq!(mounts_and_loops_under(dir.path()), Vec::<String>::new());
     // kill, not drop: dropping kills the keeper too.
     let mut snap = snap;
     snap.kill();
-    assert!(
-        wait_until(keeper::IDLE_EXIT + Duration::from_secs(5), || keeper_pids(
-            &socket
-        )
-        .is_empty()),
-        "the keeper did not exit: {:?}",
-        keeper_pids(&socket)
-    );
+    assert_keeper_exits(&socket);
 }

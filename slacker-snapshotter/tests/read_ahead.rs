@@ -7,10 +7,8 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use containerd_snapshots::api::snapshots::v1::*;
 use support::*;
 
 /// The loop device mounted at `dir` (through the bind mount Prepare handed out, whose
@@ -53,38 +51,22 @@ fn read_ahead_of(dev: &Path) -> u32 {
 /// snapshot was removed; whether the device did direct IO.
 fn prepared_read_ahead(extra: &str) -> Option<(u32, u32, bool)> {
     let (_fs, dir, data) = btrfs_run("2G")?;
-    let backend = format!("kind = \"btrfs\"\npath = \"{}\"", data.display());
-    let cfg = write_config(&dir, &backend, extra);
+    let cfg = write_config(&dir, &btrfs_toml(&data), extra);
     let snap = snapshotter(&cfg);
     let sock = snap.socket.clone();
     let got = runtime().block_on(async {
         let mut c = connect(sock).await;
-        let mounts = c
-            .prepare(PrepareSnapshotRequest {
-                snapshotter: "slacker".into(),
-                key: "ra".into(),
-                parent: String::new(),
-                labels: HashMap::new(),
-            })
-            .await
-            .expect("prepare")
-            .into_inner()
-            .mounts;
+        let mounts = prepare(&mut c, "ra", "").await.expect("prepare");
         assert_eq!(mounts.len(), 1, "{mounts:?}");
         assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
         let dev = device_at(&mounts[0].source);
         let mounted = read_ahead_of(&dev);
         let dio = direct_io_of(&dev);
-        c.remove(RemoveSnapshotRequest {
-            snapshotter: "slacker".into(),
-            key: "ra".into(),
-        })
-        .await
-        .expect("remove");
+        remove(&mut c, "ra").await.expect("remove");
         (mounted, read_ahead_of(&dev), dio)
     });
     drop(snap);
-    slacker_snapshotter::harness::unmount_under(&dir);
+    unmount_under(&dir);
     Some(got)
 }
 

@@ -9,13 +9,8 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::tonic::Code;
-use slacker_core::LayerStore;
-use slacker_core::layer::LayerStoreOptions;
-use slacker_core::persist::{DirStore, MetaStore};
 use slacker_oci::{ClientOptions, PushLayer, RegistryClient, sha256_digest};
 use slacker_snapshotter::service::{
     LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_SNAPSHOT_REF,
@@ -35,13 +30,15 @@ fn cri_labels(chain: &str, digest: &str, image: &str) -> HashMap<String, String>
     ])
 }
 
-fn prepare_req(key: &str, parent: &str, labels: HashMap<String, String>) -> PrepareSnapshotRequest {
-    PrepareSnapshotRequest {
-        snapshotter: "slacker".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels,
-    }
+/// A layer's Prepare as CRI's unpacker sends it: the extract key for the layer of
+/// `digest` in `image`, whose chain id is `chain`.
+async fn prepare_layer(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    (chain, digest, image): (&str, &str, &str),
+) -> Result<Vec<containerd_snapshots::api::types::Mount>, Status> {
+    prepare_labeled(c, key, parent, cri_labels(chain, digest, image)).await
 }
 
 #[test]
@@ -77,28 +74,17 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
     let standard_tar = layer_tar(&lower, &[]);
     let standard = PushLayer::tar_gzip(&standard_tar, 1);
     let (ref_digest, std_digest) = rt.block_on(async {
-        let backend = slacker_config::BackendConfig::btrfs(&data)
-            .open()
-            .await
-            .unwrap();
-        let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(dir.join("builder")).unwrap());
-        let store = LayerStore::open(
-            backend,
-            meta,
-            LayerStoreOptions::new("builder").with_volume_size(256 << 20),
+        let reference = reference_layer(
+            slacker_config::BackendConfig::btrfs(&data),
+            &dir.join("builder"),
+            256 << 20,
+            &lower,
         )
-        .await
-        .unwrap();
-        store.import_dir("busybox", &lower).await.unwrap();
-        let diff = store.diff("busybox").await.unwrap();
-        let ref_digest = sha256_digest(&diff.tar);
+        .await;
+        let ref_digest = sha256_digest(&reference);
         let std_digest = sha256_digest(&standard.data);
         client
-            .push_layers(
-                &image,
-                vec![PushLayer::tar(diff.tar.clone()), standard],
-                None,
-            )
+            .push_layers(&image, vec![PushLayer::tar(reference), standard], None)
             .await
             .expect("push the image");
         (ref_digest, std_digest)
@@ -106,7 +92,7 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
 
     let cfg = write_config(
         &dir,
-        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
+        &btrfs_toml(&data),
         &format!("metrics_address = \"127.0.0.1:19139\"\n[registry]\nplain_http = [\"{addr}\"]"),
     );
     let snap = snapshotter(&cfg);
@@ -115,14 +101,9 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
     rt.block_on(async {
         let mut c = connect(snap.socket.clone()).await;
         // The reference layer: fetched by the snapshotter, AlreadyExists, committed.
-        let r = c
-            .prepare(prepare_req(
-                "k8s.io/1/extract-1-sha256:chain1",
-                "",
-                cri_labels("sha256:chain1", &ref_digest, &image),
-            ))
-            .await;
-        assert_eq!(r.err().map(|s| s.code()), Some(Code::AlreadyExists));
+        let chain1 = ("sha256:chain1", ref_digest.as_str(), image.as_str());
+        let r = prepare_layer(&mut c, "k8s.io/1/extract-1-sha256:chain1", "", chain1).await;
+        assert_eq!(code(r), Code::AlreadyExists);
         let info = c
             .stat(StatSnapshotRequest {
                 snapshotter: "slacker".into(),
@@ -139,48 +120,33 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
             Some("sha256:chain1")
         );
         // Asked again (a second pull of the image): AlreadyExists, nothing new.
-        let again = c
-            .prepare(prepare_req(
-                "k8s.io/1/extract-2-sha256:chain1",
-                "",
-                cri_labels("sha256:chain1", &ref_digest, &image),
-            ))
-            .await;
-        assert_eq!(again.err().map(|s| s.code()), Some(Code::AlreadyExists));
+        let again = prepare_layer(&mut c, "k8s.io/1/extract-2-sha256:chain1", "", chain1).await;
+        assert_eq!(code(again), Code::AlreadyExists);
 
         // The standard layer: not a reference; the ordinary staging mounts come back,
         // containerd downloads and unpacks it.
-        let m = c
-            .prepare(prepare_req(
-                "k8s.io/1/extract-3-sha256:chain2",
-                "sha256:chain1",
-                cri_labels("sha256:chain2", &std_digest, &image),
-            ))
-            .await
-            .expect("a standard layer is unpacked by containerd")
-            .into_inner()
-            .mounts;
+        let m = prepare_layer(
+            &mut c,
+            "k8s.io/1/extract-3-sha256:chain2",
+            "sha256:chain1",
+            ("sha256:chain2", &std_digest, &image),
+        )
+        .await
+        .expect("a standard layer is unpacked by containerd");
         assert_eq!(m[0].r#type, "overlay", "{m:?}");
         // An unreachable registry: containerd downloads it too.
-        let unreachable = c
-            .prepare(prepare_req(
-                "k8s.io/1/extract-4-sha256:chain3",
-                "sha256:chain1",
-                cri_labels("sha256:chain3", &ref_digest, "127.0.0.1:1/slk/remote:1"),
-            ))
-            .await
-            .expect("falls back to the download")
-            .into_inner()
-            .mounts;
+        let unreachable = prepare_layer(
+            &mut c,
+            "k8s.io/1/extract-4-sha256:chain3",
+            "sha256:chain1",
+            ("sha256:chain3", &ref_digest, "127.0.0.1:1/slk/remote:1"),
+        )
+        .await
+        .expect("falls back to the download");
         assert_eq!(unreachable[0].r#type, "overlay");
 
         // A container on the remote snapshot: its files are the image's.
-        let m = c
-            .prepare(prepare_req("ctr-1", "sha256:chain1", HashMap::new()))
-            .await
-            .unwrap()
-            .into_inner()
-            .mounts;
+        let m = prepare(&mut c, "ctr-1", "sha256:chain1").await.unwrap();
         // On btrfs the snapshotter mounts the volume's ext4 itself and hands out a bind
         // mount of it.
         assert_eq!(m[0].r#type, "bind", "{m:?}");
@@ -192,16 +158,12 @@ fn cri_labels_fetch_reference_layers_and_skip_the_download() {
         sh(std::process::Command::new("umount").arg(&mnt)).unwrap();
         assert_eq!(marker.unwrap(), "remote snapshot\n");
     });
-    let metrics =
-        sh(std::process::Command::new("curl").args(["-fsS", "http://127.0.0.1:19139/metrics"]))
-            .unwrap();
-    assert!(
-        metrics.contains("slacker_snapshotter_remote_snapshots_total 1\n"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("slacker_snapshotter_clones_total 1\n"),
-        "only the container's prepare clones: {metrics}"
+    let m = "127.0.0.1:19139";
+    assert_eq!(metric(m, "slacker_snapshotter_remote_snapshots_total"), 1);
+    assert_eq!(
+        metric(m, "slacker_snapshotter_clones_total"),
+        1,
+        "only the container's prepare clones"
     );
     drop(snap);
     drop(registry);

@@ -4,12 +4,21 @@
 //! `SKIPPED: <why>`; under `CI=true` they fail instead.
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
+pub use containerd_snapshots::tonic::{Code, Status};
+use slacker_config::BackendConfig;
+use slacker_core::layer::LayerStoreOptions;
+use slacker_core::persist::{DirStore, MetaStore};
+use slacker_core::{Backend, LayerStore};
 use slacker_oci::LocalRegistry;
 
 pub mod tree;
@@ -309,5 +318,249 @@ pub fn mounts_and_loops_under(dir: &Path) -> Vec<String> {
                 .map(|l| format!("loop {l}")),
         );
     }
+    out
+}
+
+/// The `[backend]` body of a configuration for the btrfs backend on `data`.
+pub fn btrfs_toml(data: &Path) -> String {
+    format!("kind = \"btrfs\"\npath = \"{}\"", data.display())
+}
+
+/// The `[backend]` body of a configuration for the NFS backend on `server`'s `dir`.
+pub fn nfs_toml(server: &str, dir: &str) -> String {
+    format!("kind = \"nfs\"\nserver = \"{server}\"\ndir = \"{dir}\"")
+}
+
+/// The volumes of the snapshotter (`ctrd-*`) in the btrfs backend's directory `data`,
+/// sorted.
+pub fn btrfs_volumes(data: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(data.join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ctrd-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A test's place on the knfsd VM: a local temporary directory `slk-snap-<tag>-…` (the
+/// run directory: configs, sockets, containerd) and a directory `<tag>-<pid>-<ms>` of its
+/// own on the server (the storage).
+pub struct NfsRun {
+    pub tmp: tempfile::TempDir,
+    pub server: String,
+    pub dir: String,
+}
+
+impl NfsRun {
+    /// The `[backend]` body of a configuration on this storage.
+    pub fn toml(&self) -> String {
+        nfs_toml(&self.server, &self.dir)
+    }
+
+    /// The same storage, as a program other than the snapshotter opens it.
+    pub fn backend(&self) -> BackendConfig {
+        BackendConfig::nfs(self.server.clone(), self.dir.clone())
+    }
+
+    /// The snapshotter's volumes on this storage (`ctrd-*` but its base volume), sorted.
+    pub async fn volumes(&self) -> Vec<String> {
+        let backend = self.backend().open().await.unwrap();
+        let mut v: Vec<String> = backend
+            .list_volumes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_string())
+            .filter(|v| v.starts_with("ctrd-") && v != "ctrd-base")
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// An [`NfsRun`] (`/dev/fuse` and `SLACKER_NFS_ADDR` needed), or `None` after `SKIPPED`.
+pub fn nfs_run(tag: &str) -> Option<NfsRun> {
+    if !Path::new("/dev/fuse").exists() {
+        skip_or_fail::<()>("/dev/fuse is missing");
+        return None;
+    }
+    let server = nfs_addr()?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("slk-snap-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let dir = format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    Some(NfsRun { tmp, server, dir })
+}
+
+/// A builder's layer store on `backend` (its documents under `meta`, volumes of
+/// `volume_size` bytes) imports `root` as a layer; returns the layer's reference tar
+/// (what slacker-oci pushes as a slacker layer).
+pub async fn reference_layer(
+    backend: BackendConfig,
+    meta: &Path,
+    volume_size: u64,
+    root: &Path,
+) -> Vec<u8> {
+    let backend = backend.open().await.unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(DirStore::open(meta).unwrap());
+    let store = LayerStore::open(
+        backend,
+        meta,
+        LayerStoreOptions::new("builder").with_volume_size(volume_size),
+    )
+    .await
+    .unwrap();
+    store.import_dir("busybox", root).await.unwrap();
+    store.diff("busybox").await.unwrap().tar
+}
+
+/// The value of the counter `name` the snapshotter's metrics endpoint at `addr` serves.
+pub fn metric(addr: &str, name: &str) -> u64 {
+    let body = sh(Command::new("curl").args(["-fsS", &format!("http://{addr}/metrics")])).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {body}"))
+}
+
+/// No `/dev/fuse` descriptor is left in the snapshotter (`snapshotter`, its pid) and,
+/// within 5 s, none in the `keepers`.
+pub fn assert_no_fuse_fds(snapshotter: u32, keepers: &[u32]) {
+    assert_eq!(
+        fuse_fds(snapshotter),
+        0,
+        "the snapshotter's /dev/fuse files"
+    );
+    for &k in keepers {
+        assert!(
+            wait_until(Duration::from_secs(5), || fuse_fds(k) == 0),
+            "the keeper still holds {} /dev/fuse files",
+            fuse_fds(k)
+        );
+    }
+}
+
+/// Once no snapshotter runs, the keeper of `socket` (holding nothing) exits.
+pub fn assert_keeper_exits(socket: &Path) {
+    assert!(
+        wait_until(
+            slacker_snapshotter::keeper::IDLE_EXIT + Duration::from_secs(5),
+            || keeper_pids(socket).is_empty()
+        ),
+        "the keeper did not exit: {:?}",
+        keeper_pids(socket)
+    );
+}
+
+// The snapshots API over the socket, as containerd calls it: one request each, with the
+// proxy plugin's name and no labels unless asked.
+
+/// The proxy plugin's name, the `snapshotter` of every request.
+pub const SN: &str = "slacker";
+
+/// A client of the snapshots API ([`connect`]).
+pub type Client = SnapshotsClient<Channel>;
+
+/// The gRPC status code of a call's outcome (`Ok` for a success).
+pub fn code<T>(r: Result<T, Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// Prepare `key` on `parent` (`""`: none) with `labels`; the mounts it hands out.
+pub async fn prepare_labeled(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<Mount>, Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: SN.into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+/// Prepare `key` on `parent` (`""`: none); the mounts it hands out.
+pub async fn prepare(c: &mut Client, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+    prepare_labeled(c, key, parent, HashMap::new()).await
+}
+
+/// View `key` of `parent`; the mounts it hands out.
+pub async fn view(c: &mut Client, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+    c.view(ViewSnapshotRequest {
+        snapshotter: SN.into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+/// Commit the active snapshot `key` as `name`.
+pub async fn commit(c: &mut Client, name: &str, key: &str) -> Result<(), Status> {
+    c.commit(CommitSnapshotRequest {
+        snapshotter: SN.into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .map(drop)
+}
+
+/// Remove the snapshot `key`.
+pub async fn remove(c: &mut Client, key: &str) -> Result<(), Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: SN.into(),
+        key: key.into(),
+    })
+    .await
+    .map(drop)
+}
+
+/// The mounts of the active or view snapshot `key`.
+pub async fn mounts(c: &mut Client, key: &str) -> Result<Vec<Mount>, Status> {
+    c.mounts(MountsRequest {
+        snapshotter: SN.into(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+/// Every snapshot List (containerd's Walk) streams: name and kind (1 view, 2 active,
+/// 3 committed), sorted.
+pub async fn walk(c: &mut Client) -> Vec<(String, i32)> {
+    use tokio_stream::StreamExt;
+    let mut s = c
+        .list(ListSnapshotsRequest {
+            snapshotter: SN.into(),
+            filters: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = s.next().await {
+        out.extend(r.unwrap().info.into_iter().map(|i| (i.name, i.kind)));
+    }
+    out.sort();
     out
 }
