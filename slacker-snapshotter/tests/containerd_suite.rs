@@ -81,10 +81,7 @@ fn containerd_suite_on_btrfs() {
     let Some((_fs, dir, data)) = btrfs_run("8G") else {
         return;
     };
-    run_suite(
-        &dir,
-        &format!("kind = \"btrfs\"\npath = \"{}\"", data.display()),
-    );
+    run_suite(&dir, &btrfs_toml(&data));
 }
 
 /// The same suite on the NFS backend (`SLACKER_NFS_ADDR`, the project's knfsd VM): every
@@ -95,27 +92,8 @@ fn containerd_suite_on_nfs() {
         skip_or_fail::<()>(why);
         return;
     }
-    if !std::path::Path::new("/dev/fuse").exists() {
-        skip_or_fail::<()>("/dev/fuse is missing");
-        return;
-    }
-    let Some(addr) = nfs_addr() else {
+    let Some(nfs) = nfs_run("snapsuite") else {
         return;
     };
-    let dir = tempfile::Builder::new()
-        .prefix("slk-snap-nfs-")
-        .tempdir()
-        .unwrap();
-    let nfs_dir = format!(
-        "snapsuite-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    run_suite(
-        dir.path(),
-        &format!("kind = \"nfs\"\nserver = \"{addr}\"\ndir = \"{nfs_dir}\""),
-    );
+    run_suite(nfs.tmp.path(), &nfs.toml());
 }
