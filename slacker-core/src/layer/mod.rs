@@ -1033,7 +1033,9 @@ impl<B: Backend> LayerStore<B> {
                 None => None,
             }
         };
+        let t = std::time::Instant::now();
         let sniffed = blocking(move || sniff(layer)).await?;
+        tracing::debug!(target: "slacker_core::timing", step = "sniff", layer = id, us = t.elapsed().as_micros() as u64);
         match sniffed {
             Sniffed::Reference(r) => self.apply_reference(id, parent, r).await,
             Sniffed::Traditional(stream) => {
@@ -1058,6 +1060,7 @@ impl<B: Backend> LayerStore<B> {
         parent: Option<&str>,
         r: Reference,
     ) -> Result<AppliedLayer> {
+        let t0 = std::time::Instant::now();
         let stat = self.backend.stat_snapshot(&r.snapshot).await?;
         r.verify(&stat)?;
         let mut inner = self.inner.lock().await;
@@ -1068,6 +1071,7 @@ impl<B: Backend> LayerStore<B> {
         }
         let vol = self.volume_id(id)?;
         self.volume_must_be_free(&vol).await?;
+        let t_stat = t0.elapsed();
         let mut rec = Record {
             version: RECORD_VERSION,
             id: id.to_owned(),
@@ -1080,6 +1084,7 @@ impl<B: Backend> LayerStore<B> {
             merkle: r.merkle.clone(),
         };
         self.write_record(&mut inner, &rec).await?;
+        let t_record = t0.elapsed();
         // The data snapshot and the Merkle tree snapshot in one batch: one durable write
         // where the backend can (btrfs: one directory sync for both documents).
         let held: Vec<SnapshotId> = std::iter::once(r.snapshot.clone())
@@ -1088,6 +1093,15 @@ impl<B: Backend> LayerStore<B> {
         if let Err(e) = self.backend.hold_snapshots(&held, &self.key(id)).await {
             return Err(self.abort(&mut inner, rec, e).await);
         }
+        let t_holds = t0.elapsed();
+        tracing::debug!(
+            target: "slacker_core::timing",
+            step = "apply_reference",
+            layer = id,
+            stat_us = t_stat.as_micros() as u64,
+            record_us = (t_record - t_stat).as_micros() as u64,
+            holds_us = (t_holds - t_record).as_micros() as u64,
+        );
         // The holds are the commit point: the record stays `Pending::Create` on disk and
         // recovery rolls a lazy create whose holds are all in place forward (`recover`),
         // so a pull writes the record once instead of twice (two fsyncs fewer).
