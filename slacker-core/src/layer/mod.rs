@@ -47,6 +47,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::Poll;
 
 use serde::{Deserialize, Serialize};
 
@@ -371,6 +372,35 @@ fn ignore_not_found(r: Result<()>) -> Result<()> {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(join_error)?
+}
+
+/// Runs two futures concurrently until both are done (tokio's `join!` without its
+/// `macros` feature).
+async fn join2<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (
+        ra.expect("polled to completion"),
+        rb.expect("polled to completion"),
+    )
 }
 
 /// A traditional layer read, unpacked and built into an ext4 image file.
@@ -1061,17 +1091,24 @@ impl<B: Backend> LayerStore<B> {
         r: Reference,
     ) -> Result<AppliedLayer> {
         let t0 = std::time::Instant::now();
-        let stat = self.backend.stat_snapshot(&r.snapshot).await?;
-        r.verify(&stat)?;
+        let vol = self.volume_id(id)?;
+        // Both questions to the backend at once: one round trip to remote storage, not two.
+        // The volume check need not wait for the lock: only this store creates volumes
+        // under its names, and it records the layer first (which `absent` then refuses).
+        let (stat, free) = join2(
+            self.backend.stat_snapshot(&r.snapshot),
+            self.volume_must_be_free(&vol),
+        )
+        .await;
+        r.verify(&stat?)?;
+        free?;
+        let t_stat = t0.elapsed();
         let mut inner = self.inner.lock().await;
         self.check(&inner)?;
         self.absent(&inner, id)?;
         if let Some(p) = parent {
             self.parent_snapshot(&inner, p)?;
         }
-        let vol = self.volume_id(id)?;
-        self.volume_must_be_free(&vol).await?;
-        let t_stat = t0.elapsed();
         let mut rec = Record {
             version: RECORD_VERSION,
             id: id.to_owned(),
