@@ -10,10 +10,10 @@
 //!
 //! A process crash keeps the page cache: everything done before the crash is still seen
 //! after it, synced or not, so such a test cannot see a missing fsync. A *power cut*
-//! ([`CrashPlan::power_cut_at`]) also drops what was not synced: every [`DirStore`]
-//! sharing the plan keeps a shadow of what its syncs made durable (a file's content only
-//! through an fsync of the file, a name, rename or removal only through an fsync of the
-//! directory: what POSIX promises, and less than ext4 or btrfs keep), and
+//! (`CrashPlan::power_cut_at`, with `test-util`) also drops what was not synced: every
+//! [`DirStore`] sharing the plan keeps a shadow of what its syncs made durable (a file's
+//! content only through an fsync of the file, a name, rename or removal only through an
+//! fsync of the directory: what POSIX promises, and less than ext4 or btrfs keep), and
 //! [`CrashPlan::restore_power`] rewrites each directory to that. A missing or misordered
 //! sync then shows as a lost or torn document.
 
@@ -308,7 +308,7 @@ impl DirStore {
     }
 
     /// The same store, crashing as `plan` says (for tests). With a power-cut plan
-    /// ([`CrashPlan::power_cut_at`]) the store keeps track of what its syncs made durable,
+    /// (`CrashPlan::power_cut_at`) the store keeps track of what its syncs made durable,
     /// for [`CrashPlan::restore_power`]; the directory counts as durable as it is now.
     ///
     /// # Panics
