@@ -349,12 +349,18 @@ async fn layer_pulls_survive_a_crash_or_power_cut_at_every_sync_point() {
     let total = count.points();
     drop(s);
 
-    for power in [false, true] {
+    type PlanAt = fn(u64) -> Arc<CrashPlan>;
+    let modes: [(&str, PlanAt); 3] = [
+        ("crash", CrashPlan::crash_at),
+        ("power cut", CrashPlan::power_cut_at),
+        ("torn power cut", CrashPlan::torn_power_cut_at),
+    ];
+    for (power, plan_at) in modes {
         let (mut as_before, mut as_after) = (0, 0);
         for n in start..total {
             let dir = support::fresh_dir().unwrap();
             let refs = pushed(dir.path()).await;
-            let plan = plan_at(n, power);
+            let plan = plan_at(n);
             let b = BtrfsBuilder::new(dir.path())
                 .crash_plan(plan.clone())
                 .build()
@@ -371,7 +377,7 @@ async fn layer_pulls_survive_a_crash_or_power_cut_at_every_sync_point() {
             let k = crashed_at.unwrap_or_else(|| panic!("no crash at point {n}"));
             drop(s);
             plan.restore_power().unwrap();
-            let at = format!("power cut {power}, point {n} (op {k})");
+            let at = format!("{power}, point {n} (op {k})");
             let s = worker(support::open(dir.path()), dir.path(), None)
                 .await
                 .unwrap_or_else(|e| panic!("{at}: recovery failed: {e}"));
@@ -394,7 +400,7 @@ async fn layer_pulls_survive_a_crash_or_power_cut_at_every_sync_point() {
             assert_eq!(observe(&s).await, model[OPS], "{at}");
         }
         eprintln!(
-            "power cut {power}: {} sync points; as before {as_before}, as after {as_after}",
+            "{power}: {} sync points; as before {as_before}, as after {as_after}",
             total - start
         );
         assert!(as_before > 0 && as_after > 0);

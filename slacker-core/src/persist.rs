@@ -15,7 +15,10 @@
 //! content only through an fsync of the file, a name, rename or removal only through an
 //! fsync of the directory: what POSIX promises, and less than ext4 or btrfs keep), and
 //! [`CrashPlan::restore_power`] rewrites each directory to that. A missing or misordered
-//! sync then shows as a lost or torn document.
+//! sync then shows as a lost or torn document. `CrashPlan::torn_power_cut_at` is the
+//! other end of what a file system may keep: every name as it stood (a journal commit
+//! made the directory durable) but file contents only as synced, so a file created and
+//! not yet synced is there and empty (ext4's zero-length files).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -40,6 +43,18 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// IO errors, or an injected crash.
     fn write(&self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Writes the new document `name` (absent so far) durably. A crash before it returns
+    /// may leave the document absent, empty, zero-filled or holding a prefix of `data`, so
+    /// a reader must take such a document for one that was never written; once it has
+    /// returned the document holds `data`. By default [`write`](Self::write) (which never
+    /// leaves a torn document); [`DirStore`] writes in place: no temporary file or rename,
+    /// one fsync of the file and one of the directory.
+    ///
+    /// # Errors
+    /// IO errors, or an injected crash.
+    fn create(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        self.write(name, data)
+    }
     /// Replaces several documents, each atomically and durably as
     /// [`write`](Self::write) does; the set as a whole is not atomic (after a crash any of
     /// them may hold its old or its new content). By default one `write` after the other;
@@ -82,6 +97,8 @@ pub struct CrashPlan {
     crash_at: AtomicU64,
     /// Power-cut plans: the stores whose unsynced changes the cut loses.
     power: Option<Mutex<Vec<Arc<Shadow>>>>,
+    /// Torn power cuts: names survive as they stood, unsynced contents do not.
+    keep_names: bool,
     /// Set when the power went: shadows record nothing after it.
     cut: AtomicBool,
 }
@@ -98,11 +115,12 @@ impl std::fmt::Debug for CrashPlan {
 
 impl CrashPlan {
     #[cfg(any(test, feature = "test-util"))]
-    fn make(n: u64, power: bool) -> Arc<Self> {
+    fn make(n: u64, power: bool, keep_names: bool) -> Arc<Self> {
         Arc::new(Self {
             passed: AtomicU64::new(0),
             crash_at: AtomicU64::new(n),
             power: power.then(|| Mutex::new(Vec::new())),
+            keep_names,
             cut: AtomicBool::new(false),
         })
     }
@@ -110,13 +128,13 @@ impl CrashPlan {
     /// A plan that never crashes (it still counts the sync points passed).
     #[cfg(any(test, feature = "test-util"))]
     pub fn never() -> Arc<Self> {
-        Self::make(u64::MAX, false)
+        Self::make(u64::MAX, false, false)
     }
 
     /// A plan that crashes at sync point `n` (0-based) and after.
     #[cfg(any(test, feature = "test-util"))]
     pub fn crash_at(n: u64) -> Arc<Self> {
-        Self::make(n, false)
+        Self::make(n, false, false)
     }
 
     /// A plan that cuts the power at sync point `n` (0-based): that point and every later
@@ -126,7 +144,16 @@ impl CrashPlan {
     /// stands).
     #[cfg(any(test, feature = "test-util"))]
     pub fn power_cut_at(n: u64) -> Arc<Self> {
-        Self::make(n, true)
+        Self::make(n, true, false)
+    }
+
+    /// As [`power_cut_at`](Self::power_cut_at), but the directories keep every name as it
+    /// stood at the cut (created, renamed and removed entries alike, as if a journal
+    /// commit had made them durable) while file contents are still only as synced: a file
+    /// created and written but not synced is there, empty.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn torn_power_cut_at(n: u64) -> Arc<Self> {
+        Self::make(n, true, true)
     }
 
     /// How many sync points were reached so far.
@@ -175,7 +202,7 @@ impl CrashPlan {
         self.cut.store(true, Ordering::SeqCst);
         let shadows = power.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for s in shadows {
-            s.restore()?;
+            s.restore(self.keep_names)?;
         }
         Ok(())
     }
@@ -240,14 +267,20 @@ impl Shadow {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The power comes back: the directory holds the names its last sync made durable,
-    /// each with its inode's content as of that inode's last sync.
-    fn restore(&self) -> io::Result<()> {
+    /// The power comes back: the directory holds the names its last sync made durable
+    /// (or, `keep_names`, every name as it stood), each with its inode's content as of
+    /// that inode's last sync.
+    fn restore(&self, keep_names: bool) -> io::Result<()> {
         let st = self.lock();
         for e in fs::read_dir(&self.dir)? {
             fs::remove_file(e?.path())?;
         }
-        for (name, i) in &st.synced_names {
+        let names = if keep_names {
+            &st.names
+        } else {
+            &st.synced_names
+        };
+        for (name, i) in names {
             let data = st.synced.get(i).map(Vec::as_slice).unwrap_or_default();
             fs::write(self.dir.join(name), data)?;
         }
@@ -401,6 +434,33 @@ impl MetaStore for DirStore {
     fn write(&self, name: &str, data: &[u8]) -> io::Result<()> {
         // One document: temp written and synced, renamed, directory synced.
         self.write_many(&[(name, data)])
+    }
+
+    /// Created in place (`O_EXCL`), written, synced, then the directory synced: 2 fsyncs
+    /// and no rename where [`write`](MetaStore::write) has a temporary file. A document
+    /// that exists already is replaced by `write` instead.
+    fn create(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        check_name(name)?;
+        self.point("create doc")?;
+        let mut f = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(name))
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return self.write(name, data),
+            Err(e) => return Err(e),
+        };
+        f.write_all(data)?;
+        self.record(|s| s.new_inode(name, data));
+        self.point("fsync doc")?;
+        f.sync_all()?;
+        self.record(|s| {
+            let i = s.names[name];
+            s.synced.insert(i, data.to_vec());
+        });
+        self.point("fsync dir")?;
+        self.sync_dir()
     }
 
     /// Every document's temporary file is written and synced, then all are renamed, then
@@ -653,6 +713,53 @@ mod tests {
         assert_eq!(again.read("a").unwrap().as_deref(), Some(&b"a"[..]));
         assert_eq!(again.read("kept").unwrap().as_deref(), Some(&b"1"[..]));
         assert_eq!(again.read("m1").unwrap().as_deref(), Some(&b""[..]));
+    }
+
+    /// `create` of a new document at each of its sync points, as a crash and as a power
+    /// cut: absent, or (power cut before its syncs) present but empty, or complete; never
+    /// anything else. Complete once it returned, also after a power cut.
+    #[test]
+    fn create_in_place_leaves_the_document_absent_empty_or_complete() {
+        const POINTS: u64 = 3; // create doc, fsync doc, fsync dir
+        let data = b"{\"new\": true}";
+        for mode in ["crash", "power cut", "torn power cut"] {
+            let mut seen = Vec::new();
+            for n in 0..=POINTS {
+                let d = tempfile::tempdir().unwrap();
+                let plan = match mode {
+                    "crash" => CrashPlan::crash_at(n),
+                    "power cut" => CrashPlan::power_cut_at(n),
+                    _ => CrashPlan::torn_power_cut_at(n),
+                };
+                let s = DirStore::open(d.path())
+                    .unwrap()
+                    .with_crash_plan(plan.clone());
+                let r = s.create("doc", data);
+                assert_eq!(r.is_ok(), n == POINTS, "point {n}: {r:?}");
+                plan.restore_power().unwrap();
+                let got = DirStore::open(d.path()).unwrap().read("doc").unwrap();
+                match got.as_deref() {
+                    None => seen.push("absent"),
+                    Some(b"") => seen.push("empty"),
+                    Some(g) if g == data => seen.push("complete"),
+                    Some(g) => panic!("point {n}: torn {g:?}"),
+                }
+            }
+            let want: &[&str] = match mode {
+                "crash" => &["absent", "complete", "complete", "complete"],
+                // The name is durable only through the directory sync, the last point.
+                "power cut" => &["absent", "absent", "absent", "complete"],
+                // Every name kept: created but cut before its fsync, the file is empty.
+                _ => &["absent", "empty", "complete", "complete"],
+            };
+            assert_eq!(seen, want, "{mode}");
+        }
+        // An existing document is replaced atomically instead.
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::open(d.path()).unwrap();
+        s.write("doc", b"old").unwrap();
+        s.create("doc", b"new").unwrap();
+        assert_eq!(s.read("doc").unwrap().as_deref(), Some(&b"new"[..]));
     }
 
     /// `create_markers` at each of its sync points: each marker exists or not, and the

@@ -509,10 +509,12 @@ async fn run_op(s: &LayerStore<MemBackend>, k: usize, ctx: &mut Ctx) -> slacker_
 
 /// Crashes the layer workload at every sync point of its metadata and reopens: the store
 /// is as before or as after the interrupted operation, owns no stray hold or volume, and
-/// carries on. As a process crash (`crash_at`) and as a power cut (`power_cut_at`: the
+/// carries on. As a process crash (`crash_at`), as a power cut (`power_cut_at`: the
 /// records' directory keeps only what was synced, so a record that a hold depends on but
-/// whose rename was never synced is gone, and its holds would be strays).
-async fn crash_everywhere(power: bool) {
+/// whose rename was never synced is gone, and its holds would be strays) and as a torn
+/// power cut (`torn_power_cut_at`: names kept, unsynced contents lost, so a record
+/// created in place but not yet synced is there and empty).
+async fn crash_everywhere(plan_at: fn(u64) -> std::sync::Arc<CrashPlan>) {
     // The model: the observed state after each op, from a run that never crashes.
     let b = MemBackend::new();
     let d = tempfile::tempdir().unwrap();
@@ -534,11 +536,7 @@ async fn crash_everywhere(power: bool) {
     for n in 0..total {
         let b = MemBackend::new();
         let d = tempfile::tempdir().unwrap();
-        let plan = if power {
-            CrashPlan::power_cut_at(n)
-        } else {
-            CrashPlan::crash_at(n)
-        };
+        let plan = plan_at(n);
         let mut ctx = Ctx::default();
         let mut crashed_at = None;
         match open_store(b.reopen(), d.path(), "w", Some(plan.clone())).await {
@@ -590,7 +588,7 @@ async fn crash_at_every_sync_point_recovers_to_before_or_after() {
     if !e2fsprogs() {
         return;
     }
-    crash_everywhere(false).await;
+    crash_everywhere(CrashPlan::crash_at).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,7 +596,15 @@ async fn power_cut_at_every_sync_point_recovers_to_before_or_after() {
     if !e2fsprogs() {
         return;
     }
-    crash_everywhere(true).await;
+    crash_everywhere(CrashPlan::power_cut_at).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_power_cut_at_every_sync_point_recovers_to_before_or_after() {
+    if !e2fsprogs() {
+        return;
+    }
+    crash_everywhere(CrashPlan::torn_power_cut_at).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

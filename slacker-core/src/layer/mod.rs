@@ -355,6 +355,12 @@ fn doc_name(id: &str) -> String {
     format!("layer.{id}.json")
 }
 
+/// Whether a record that does not parse is what a crash leaves of one written in place:
+/// empty, all zero bytes, or a prefix of a record (the JSON ends early).
+fn torn(bytes: &[u8], e: &serde_json::Error) -> bool {
+    bytes.iter().all(|&b| b == 0) || e.classify() == serde_json::error::Category::Eof
+}
+
 fn meta_error(e: std::io::Error) -> Error {
     Error::backend("layer-meta", e)
 }
@@ -470,8 +476,18 @@ impl<B: Backend> LayerStore<B> {
                     continue;
                 }
                 let bytes = meta.read(&doc).map_err(meta_error)?.unwrap_or_default();
-                let r: Record = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Integrity(format!("layer record {doc}: {e}")))?;
+                let r: Record = match serde_json::from_slice(&bytes) {
+                    Ok(r) => r,
+                    // The first record of a create is written in place
+                    // (`MetaStore::create`), before the backend is touched: a crash can
+                    // leave it empty, zero-filled or cut short. Nothing was done yet.
+                    Err(e) if torn(&bytes, &e) => {
+                        tracing::info!(record = %doc, "removing the torn record of a create a crash interrupted");
+                        meta.remove(&doc).map_err(meta_error)?;
+                        continue;
+                    }
+                    Err(e) => return Err(Error::Integrity(format!("layer record {doc}: {e}"))),
+                };
                 if doc != doc_name(&r.id) || r.version != RECORD_VERSION {
                     return Err(Error::Integrity(format!(
                         "layer record {doc} names layer {:?} (version {})",
@@ -561,10 +577,30 @@ impl<B: Backend> LayerStore<B> {
     /// Writes a record durably; on failure the store is poisoned (what is on disk is
     /// unknown until a reopen recovers it).
     async fn write_record(&self, inner: &mut Inner, rec: &Record) -> Result<()> {
+        self.put_record(inner, rec, false).await
+    }
+
+    /// Writes the first record of a layer being created (`Pending::Create`): in place
+    /// ([`MetaStore::create`]: no temporary file or rename), since a crash that tears it
+    /// happened before the backend was touched and `open` drops a torn record.
+    async fn create_record(&self, inner: &mut Inner, rec: &Record) -> Result<()> {
+        debug_assert_eq!(rec.pending, Some(Pending::Create));
+        self.put_record(inner, rec, true).await
+    }
+
+    async fn put_record(&self, inner: &mut Inner, rec: &Record, new: bool) -> Result<()> {
         let meta = self.meta.clone();
         let name = doc_name(&rec.id);
         let bytes = serde_json::to_vec(rec).expect("a record always serializes");
-        let r = blocking(move || meta.write(&name, &bytes).map_err(meta_error)).await;
+        let r = blocking(move || {
+            if new {
+                meta.create(&name, &bytes)
+            } else {
+                meta.write(&name, &bytes)
+            }
+            .map_err(meta_error)
+        })
+        .await;
         match r {
             Ok(()) => {
                 inner.layers.insert(rec.id.clone(), rec.clone());
@@ -788,7 +824,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: None,
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let made = match &origin {
             Some((snap, _)) => self.backend.clone_snapshot(snap, &vol).await,
             None => {
@@ -1120,7 +1156,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: r.merkle.clone(),
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let t_record = t0.elapsed();
         // The data snapshot and the Merkle tree snapshot in one batch: one durable write
         // where the backend can (btrfs: one directory sync for both documents).
@@ -1292,7 +1328,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: None,
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let made = async {
             match &origin {
                 Some((snap, _)) => self.backend.clone_snapshot(snap, &vol).await?,
@@ -1408,7 +1444,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: None,
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let filled = self
             .fill_mounted(
                 &vol,
