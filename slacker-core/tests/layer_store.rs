@@ -101,6 +101,51 @@ async fn diff_is_a_small_deterministic_reference() {
     );
 }
 
+/// `apply_diff_bytes` (a layer in memory, looked at on the calling task) does what
+/// `apply_diff` does: a reference layer, gzipped or not, becomes a lazy layer holding its
+/// snapshot; a traditional layer is unpacked; a garbage or duplicate one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_diff_bytes_applies_layers_like_apply_diff() {
+    let b = MemBackend::new();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pusher = store(&b, d1.path(), "push").await;
+    let tar = pushed_base(&pusher, b"in memory").await;
+    let worker = store(&b, d2.path(), "work").await;
+    for (id, bytes) in [("plain", tar.clone()), ("gz", gzip(&tar))] {
+        let applied = worker.apply_diff_bytes(id, None, bytes).await.unwrap();
+        assert_eq!(applied.kind, LayerKind::Lazy, "{id}");
+        let holds = b.stat_snapshot(&applied.snapshot).await.unwrap().holds;
+        assert!(
+            holds.contains(&worker.holder(id).unwrap()),
+            "{id}: {holds:?}"
+        );
+    }
+    assert_eq!(
+        worker
+            .apply_diff_bytes("plain", None, tar.clone())
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        worker
+            .apply_diff_bytes("junk", None, vec![7; 100])
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+    if e2fsprogs() {
+        let t = TarBuilder::new().file("a/b", b"traditional").finish();
+        let applied = worker
+            .apply_diff_bytes("trad", None, gzip(&t))
+            .await
+            .unwrap();
+        assert_eq!(applied.kind, LayerKind::Unpacked);
+    }
+}
+
 #[tokio::test]
 async fn apply_diff_of_a_reference_clones_nothing_until_get() {
     let b = MemBackend::new();

@@ -1603,9 +1603,7 @@ impl RegistryClient {
                     let t = std::time::Instant::now();
                     let applied = match blob {
                         Blob::Memory(data) => {
-                            store
-                                .apply_diff(&id, parent.as_deref(), std::io::Cursor::new(data))
-                                .await?
+                            store.apply_diff_bytes(&id, parent.as_deref(), data).await?
                         }
                         Blob::File(f) => store.apply_diff(&id, parent.as_deref(), f).await?,
                     };

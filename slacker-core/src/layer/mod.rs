@@ -1090,18 +1090,55 @@ impl<B: Backend> LayerStore<B> {
         parent: Option<&str>,
         layer: R,
     ) -> Result<AppliedLayer> {
-        let origin = {
-            let inner = self.inner.lock().await;
-            self.check(&inner)?;
-            self.absent(&inner, id)?;
-            match parent {
-                Some(p) => Some(self.parent_snapshot(&inner, p)?),
-                None => None,
-            }
-        };
+        let origin = self.before_apply(id, parent).await?;
         let t = std::time::Instant::now();
         let sniffed = blocking(move || sniff(layer)).await?;
         tracing::debug!(target: "slacker_core::timing", step = "sniff", layer = id, us = t.elapsed().as_micros() as u64);
+        self.apply_sniffed(id, parent, origin, sniffed).await
+    }
+
+    /// [`apply_diff`](Self::apply_diff) of a layer already in memory (as a registry client
+    /// holds a small blob): the first bytes are looked at, and a reference layer decoded,
+    /// on the calling task, without the hand-off to a blocking thread that a stream needs
+    /// (it would cost more than reading 2 KiB). Anything else is applied as `apply_diff`
+    /// does.
+    ///
+    /// # Errors
+    /// As [`apply_diff`](Self::apply_diff).
+    pub async fn apply_diff_bytes(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        layer: Vec<u8>,
+    ) -> Result<AppliedLayer> {
+        let origin = self.before_apply(id, parent).await?;
+        let sniffed = sniff(std::io::Cursor::new(layer))?;
+        self.apply_sniffed(id, parent, origin, sniffed).await
+    }
+
+    /// The checks before a layer is read: the store works, `id` is free, the parent has a
+    /// snapshot (returned with its size).
+    async fn before_apply(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+    ) -> Result<Option<(SnapshotId, u64)>> {
+        let inner = self.inner.lock().await;
+        self.check(&inner)?;
+        self.absent(&inner, id)?;
+        match parent {
+            Some(p) => Ok(Some(self.parent_snapshot(&inner, p)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn apply_sniffed(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        origin: Option<(SnapshotId, u64)>,
+        sniffed: Sniffed,
+    ) -> Result<AppliedLayer> {
         match sniffed {
             Sniffed::Reference(r) => self.apply_reference(id, parent, r).await,
             Sniffed::Traditional(stream) => {
