@@ -264,6 +264,98 @@ async fn a_reference_to_other_storage_is_refused() {
     assert_eq!(store_state(&s2).await, before);
 }
 
+/// A reference is verified while its pending record is written; a refused one takes the
+/// record out again. Crashed (and power-cut, and torn) at every sync point of that, the
+/// reopened store has no such layer and holds nothing, and a volume that already had the
+/// layer's name (why it was refused) is still there: recovery removes only volumes a
+/// record says it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reference_leaves_nothing_and_keeps_a_stray_volume_at_every_crash_point() {
+    use slacker_core::VolumeOptions;
+    type PlanAt = fn(u64) -> Arc<CrashPlan>;
+    let origin = MemBackend::new();
+    let d0 = tempfile::tempdir().unwrap();
+    let tar = pushed_base(&store(&origin, d0.path(), "push").await, b"data").await;
+    let stray = VolumeId::new("w.img").unwrap();
+    // The same storage with a volume of the layer's name already there (AlreadyExists),
+    // and other storage that does not have the snapshot (NotFound): both refused.
+    type Storage = fn(&MemBackend) -> MemBackend;
+    let setups: [(&str, Storage); 2] = [
+        ("stray volume", |b| b.reopen()),
+        ("unknown snapshot", |_| MemBackend::new()),
+    ];
+    let modes: [(&str, PlanAt); 3] = [
+        ("crash", CrashPlan::crash_at),
+        ("power cut", CrashPlan::power_cut_at),
+        ("torn power cut", CrashPlan::torn_power_cut_at),
+    ];
+    for (case, backend) in setups {
+        for (mode, plan_at) in modes {
+            let mut n = 0;
+            loop {
+                let b = backend(&origin);
+                if case == "stray volume" && b.stat_volume(&stray).await.is_err() {
+                    b.create_volume(&stray, &VolumeOptions::new(4096))
+                        .await
+                        .unwrap();
+                }
+                // The store document first, so the plan counts only the apply's points.
+                let d = tempfile::tempdir().unwrap();
+                drop(open_store(b.reopen(), d.path(), "w", None).await.unwrap());
+                let plan = plan_at(n);
+                let s = open_store(b.reopen(), d.path(), "w", Some(plan.clone()))
+                    .await
+                    .unwrap();
+                let err = s
+                    .apply_diff("img", None, std::io::Cursor::new(tar.clone()))
+                    .await
+                    .unwrap_err();
+                let crashed = plan.crashed();
+                if !crashed {
+                    let want = if case == "stray volume" {
+                        ErrorKind::AlreadyExists
+                    } else {
+                        ErrorKind::NotFound
+                    };
+                    assert_eq!(err.kind(), want, "{case}: {err}");
+                    // Refused means nothing recorded, before any reopen too.
+                    assert!(!s.exists("img").await.unwrap(), "{case}: layer recorded");
+                }
+                drop(s);
+                plan.restore_power().unwrap();
+                let s = open_store(b.reopen(), d.path(), "w", None).await.unwrap();
+                let at = format!("{case}, {mode}, point {n}");
+                assert!(!s.exists("img").await.unwrap(), "{at}: layer recorded");
+                check_invariants(&s, "w.x").await; // no hold, no layer volume
+                for snap in b.list_snapshots().await.unwrap() {
+                    let holds = b.stat_snapshot(&snap).await.unwrap().holds;
+                    assert!(
+                        holds.iter().all(|h| !h.starts_with("w.")),
+                        "{at}: {holds:?}"
+                    );
+                }
+                if case == "stray volume" {
+                    assert!(
+                        b.stat_volume(&stray).await.is_ok(),
+                        "{at}: stray volume removed"
+                    );
+                }
+                if !crashed {
+                    // The reopened store refuses it the same way (not as a duplicate).
+                    let again = s
+                        .apply_diff("img", None, std::io::Cursor::new(tar.clone()))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(again.to_string(), err.to_string(), "{case}");
+                    break;
+                }
+                n += 1;
+            }
+            assert!(n >= 3, "{case}, {mode}: only {n} sync points");
+        }
+    }
+}
+
 #[tokio::test]
 async fn mixed_image_reference_base_and_traditional_top() {
     if !e2fsprogs() {

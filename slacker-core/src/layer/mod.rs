@@ -667,7 +667,9 @@ impl<B: Backend> LayerStore<B> {
         match rec.pending.clone() {
             None => Ok(()),
             Some(Pending::Create) | Some(Pending::Remove) => {
-                if rec.volume || rec.pending == Some(Pending::Create) {
+                // Every create that makes a volume records `volume: true` first; a lazy
+                // create makes none, and a volume of its name is not its own.
+                if rec.volume {
                     ignore_not_found(self.backend.remove_volume(&vol).await)?;
                 }
                 if let Some(m) = &rec.merkle {
@@ -1165,17 +1167,6 @@ impl<B: Backend> LayerStore<B> {
     ) -> Result<AppliedLayer> {
         let t0 = std::time::Instant::now();
         let vol = self.volume_id(id)?;
-        // Both questions to the backend at once: one round trip to remote storage, not two.
-        // The volume check need not wait for the lock: only this store creates volumes
-        // under its names, and it records the layer first (which `absent` then refuses).
-        let (stat, free) = join2(
-            self.backend.stat_snapshot(&r.snapshot),
-            self.volume_must_be_free(&vol),
-        )
-        .await;
-        r.verify(&stat?)?;
-        free?;
-        let t_stat = t0.elapsed();
         let mut inner = self.inner.lock().await;
         self.check(&inner)?;
         self.absent(&inner, id)?;
@@ -1193,8 +1184,31 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: r.merkle.clone(),
         };
-        self.create_record(&mut inner, &rec).await?;
+        // The pending record is written while the backend is asked about the snapshot (its
+        // stat, to verify the reference) and the layer's volume name (must be free), both
+        // at once: one round trip to remote storage, hidden behind the record's syncs. A
+        // pending create with no holds is rolled back by a reopen, so the record may well
+        // come first; a refused reference takes it out again (and a crash before that
+        // leaves a stray volume of this name alone: `recover` removes only volumes a
+        // record says it made).
+        let checks = async {
+            let (stat, free) = join2(
+                self.backend.stat_snapshot(&r.snapshot),
+                self.volume_must_be_free(&vol),
+            )
+            .await;
+            r.verify(&stat?)?;
+            free
+        };
+        let (written, checked) = join2(self.create_record(&mut inner, &rec), checks).await;
+        written?;
         let t_record = t0.elapsed();
+        if let Err(e) = checked {
+            if let Err(d) = self.delete_record(&mut inner, id).await {
+                tracing::error!(store = %self.options.name, layer = %id, error = %d, "removing the record of a refused reference failed: the store refuses work until reopened");
+            }
+            return Err(e);
+        }
         // The data snapshot and the Merkle tree snapshot in one batch: one durable write
         // where the backend can (btrfs: one directory sync for both documents).
         let held: Vec<SnapshotId> = std::iter::once(r.snapshot.clone())
@@ -1208,8 +1222,7 @@ impl<B: Backend> LayerStore<B> {
             target: "slacker_core::timing",
             step = "apply_reference",
             layer = id,
-            stat_us = t_stat.as_micros() as u64,
-            record_us = (t_record - t_stat).as_micros() as u64,
+            record_and_stats_us = t_record.as_micros() as u64,
             holds_us = (t_holds - t_record).as_micros() as u64,
         );
         // The holds are the commit point: the record stays `Pending::Create` on disk and
