@@ -14,8 +14,10 @@
 //!
 //! With `SLACKER_NFS_ADDR=host:port` the same runs first on NFS (metadata on local disk).
 //! Storage is a loop-mounted btrfs (root and `mkfs.btrfs`; the layer store's metadata on the
-//! same btrfs, as HelloBench keeps it), else the mem backend with the metadata in a
-//! temporary directory (said in the output). The registry is a local `docker-registry`
+//! same btrfs: HelloBench keeps it on the host's file system, under its work directory,
+//! and puts the storage behind an emulated link; its `SLACKER_TIMING=1` events give that
+//! breakdown), else the mem backend with the metadata in a temporary directory (said in
+//! the output). The registry is a local `docker-registry`
 //! (`SLACKER_REGISTRY=host:port` to use another); without either the bench prints
 //! `SKIPPED`. Every iteration pulls into a fresh layer store (a worker that never had the
 //! image) through a client that has already talked to the registry (a daemon's steady
@@ -76,6 +78,9 @@ impl MetaStore for Timed {
     }
     fn write(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
         self.timed(|| self.inner.write(name, data))
+    }
+    fn create(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        self.timed(|| self.inner.create(name, data))
     }
     fn write_many(&self, docs: &[(&str, &[u8])]) -> std::io::Result<()> {
         self.timed(|| self.inner.write_many(docs))

@@ -42,6 +42,8 @@ struct ImageState {
     /// Clients for this repetition's push and pull, built untimed in `prepare`.
     push_client: Option<Client>,
     pull_client: Option<Client>,
+    /// Clients `push` and `pull` used, dropped untimed by `clean` (see `crate::path::Path`).
+    spent_clients: Vec<Client>,
 }
 
 /// The traditional tar + gzip + overlayfs path.
@@ -202,7 +204,9 @@ impl Path for Traditional {
             .with_context(|| format!("pushing {reference}"))?;
         let t_up = t.elapsed().as_secs_f64();
         drop(layers);
-        self.st(image).reference = Some(reference);
+        let st = self.st(image);
+        st.spent_clients.push(push_client);
+        st.reference = Some(reference);
         self.layer_stats.insert(image.spec.name.clone(), stats);
         Ok(Step {
             network_bytes: gz_len + config_len + manifest_len,
@@ -252,6 +256,7 @@ impl Path for Traditional {
             .await
             .with_context(|| format!("pulling {reference}"))?;
         let t_down = t.elapsed().as_secs_f64();
+        self.st(image).spent_clients.push(pull_client);
         let manifest_len = data
             .manifest
             .as_ref()

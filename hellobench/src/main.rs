@@ -240,8 +240,9 @@ fn main() -> ExitCode {
     slacker_hellobench::elapsed_secs();
     // The libraries report through tracing (e.g. a mount whose teardown failed): show
     // warnings and errors, and the layer store's recovery notes, on stderr.
-    // SLACKER_TIMING=1: the snapshotter's per-step timings (its debug events) too, and
-    // no other debug event (the gRPC stack's would slow the measured path).
+    // SLACKER_TIMING=1: the per-step timings (debug events) of the snapshotter, the layer
+    // store and the registry client too, and no other debug event (the gRPC stack's would
+    // slow the measured path).
     {
         use tracing_subscriber::filter::{LevelFilter, Targets};
         use tracing_subscriber::layer::SubscriberExt;
@@ -259,7 +260,9 @@ fn main() -> ExitCode {
             .with(
                 Targets::new()
                     .with_default(LevelFilter::INFO)
-                    .with_target("slacker_snapshotter::timing", timing),
+                    .with_target("slacker_snapshotter::timing", timing)
+                    .with_target("slacker_core::timing", timing)
+                    .with_target("slacker_oci::timing", timing),
             )
             .init();
     }

@@ -53,7 +53,10 @@ pub struct Step {
 ///   path starts from the tree on disk), and builds this repetition's registry clients.
 ///   Building an HTTP client loads the system CA store several times (~0.1 s here): a cost
 ///   a daemon pays once at start, not per push or pull. The clients make no request before
-///   their phase, so the pull still starts without a connection or token to reuse.
+///   their phase, so the pull still starts without a connection or token to reuse. For the
+///   same reason a phase keeps the clients it used and `clean` drops them: freeing a client
+///   frees its CA stores (with OpenSSL about 1 ms per HTTP client, and a `RegistryClient`
+///   has two), a cost a daemon pays once at exit.
 /// - `push` starts from the built tree on this host (`image.root`) and leaves the image
 ///   pullable from the registry under a reference the implementation remembers. Every call is
 ///   a fresh push (a new tag); nothing from an earlier push may be reused except what the

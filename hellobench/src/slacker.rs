@@ -340,6 +340,8 @@ struct State {
     /// Registry clients for this repetition's push and pull, built in `prepare`.
     push_client: Option<RegistryClient>,
     pull_client: Option<RegistryClient>,
+    /// Clients `push` and `pull` used, dropped untimed by `clean` (see `crate::path::Path`).
+    spent_clients: Vec<RegistryClient>,
     /// The run's Merkle verifier (lazy modes), for its stats.
     verifier: Option<Arc<MerkleVerifier>>,
     /// slacker-lazy-trace: the trace recorded in `prepare`, pushed by `push`.
@@ -614,6 +616,7 @@ impl BenchPath for SlackerPath {
             ));
         }
         let st = self.st(image);
+        st.spent_clients.push(client);
         st.image_ref = Some(reference);
         st.pushed = snapshot.clone();
         let mut notes = vec![format!(
@@ -656,6 +659,7 @@ impl BenchPath for SlackerPath {
                 .with_context(|| format!("pulling {reference}"))?;
             (report, None)
         };
+        self.st(image).spent_clients.push(client);
         let kinds: Vec<String> = report
             .layers
             .iter()

@@ -112,7 +112,38 @@ struct VolState {
 
 struct Snap {
     path: PathBuf,
+    /// `holds` has every hold, wherever it is kept.
     doc: Mutex<SnapshotDoc>,
+    /// The holds kept as marker documents (the rest are in the snapshot's document). Lock
+    /// order: `doc` first. Both change only under the catalog's write lock.
+    marked: Mutex<BTreeSet<String>>,
+}
+
+impl Snap {
+    fn new(path: PathBuf, doc: SnapshotDoc) -> Self {
+        Self {
+            path,
+            doc: Mutex::new(doc),
+            marked: Mutex::new(BTreeSet::new()),
+        }
+    }
+}
+
+/// Where a new hold of `holder` on snapshot `key` (document `doc`) is kept: a marker
+/// document (format 2), or `None` for inside the document (format 1).
+fn marker_for(doc: &SnapshotDoc, key: &str, holder: &str) -> Option<String> {
+    if doc.format >= meta::SNAPSHOT_FORMAT {
+        meta::hold_doc(key, holder)
+    } else {
+        None
+    }
+}
+
+/// The snapshot's document as its file holds it: the holds without a marker.
+fn on_disk(doc: &SnapshotDoc, marked: &BTreeSet<String>) -> Vec<u8> {
+    let mut d = doc.clone();
+    d.holds.retain(|h| !marked.contains(h));
+    meta::encode(&d)
 }
 
 impl Vol {
@@ -502,7 +533,7 @@ impl Inner {
         };
         let id = SnapshotId::new(SCHEME, &key)?;
         let doc = SnapshotDoc {
-            format: FORMAT,
+            format: meta::SNAPSHOT_FORMAT,
             id: id.clone(),
             size: vol.size,
             block_size: vol.block_size,
@@ -523,13 +554,7 @@ impl Inner {
             self.discard(&path);
             return Err(e);
         }
-        Ok((
-            id,
-            Arc::new(Snap {
-                path,
-                doc: Mutex::new(doc),
-            }),
-        ))
+        Ok((id, Arc::new(Snap::new(path, doc))))
     }
 
     fn clone_snapshot(&self, sid: &SnapshotId, new: &VolumeId) -> Result<()> {
@@ -684,6 +709,8 @@ impl Inner {
         self.fsync_dir("fsyncing snapshots directory", &self.snapshots_dir)
     }
 
+    /// Places or drops one hold: a marker document created (one directory sync) or
+    /// removed, or, for a format 1 snapshot, its document rewritten.
     fn change_holds(&self, sid: &SnapshotId, holder: &str, hold: bool) -> Result<()> {
         let key = snap_key(sid)?;
         let cat = self.write_catalog();
@@ -692,13 +719,8 @@ impl Inner {
             .get(key)
             .ok_or_else(|| Error::not_found(ObjectKind::Snapshot, sid))?;
         let mut doc = lock(&snap.doc);
-        let mut next = doc.clone();
-        let changed = if hold {
-            next.holds.insert(holder.to_owned())
-        } else {
-            next.holds.remove(holder)
-        };
-        if !changed {
+        let mut marked = lock(&snap.marked);
+        if doc.holds.contains(holder) == hold {
             return if hold {
                 Ok(())
             } else {
@@ -708,45 +730,98 @@ impl Inner {
                 ))
             };
         }
-        self.write_doc(&meta::snapshot_doc(key), &meta::encode(&next))?;
+        let marker = if hold {
+            marker_for(&doc, key, holder)
+        } else {
+            marked
+                .contains(holder)
+                .then(|| meta::hold_doc(key, holder))
+                .flatten()
+        };
+        let mut next = doc.clone();
+        if hold {
+            next.holds.insert(holder.to_owned());
+        } else {
+            next.holds.remove(holder);
+        }
+        match (&marker, hold) {
+            (Some(m), true) => self
+                .store
+                .create_markers(&[m.as_str()])
+                .map_err(io_err("writing metadata", &self.store.dir().join(m)))?,
+            (Some(m), false) => self.remove_doc(m)?,
+            (None, _) => {
+                self.write_doc(&meta::snapshot_doc(key), &on_disk(&next, &marked))?;
+            }
+        }
+        if marker.is_some() {
+            if hold {
+                marked.insert(holder.to_owned());
+            } else {
+                marked.remove(holder);
+            }
+        }
         *doc = next;
         Ok(())
     }
 
-    /// Holds several snapshots for `holder` with one metadata write: every changed
-    /// document is written and synced, renamed, then the directory is synced once
-    /// ([`MetaStore::write_many`]). Each document is replaced atomically; a crash in
-    /// between leaves some holds placed (the caller's recovery releases them).
+    /// Holds several snapshots for `holder` with one metadata write: a marker document
+    /// per new hold, all made durable by one directory sync
+    /// ([`DirStore::create_markers`]); format 1 snapshots (created before markers) get
+    /// their documents rewritten ([`MetaStore::write_many`]: temps synced, renamed, one
+    /// directory sync). A crash in between leaves some holds placed (the caller's
+    /// recovery releases them).
     fn hold_many(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
         let cat = self.write_catalog();
-        let mut changed: Vec<(String, Vec<u8>, &Arc<Snap>, SnapshotDoc)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut markers: Vec<(String, &Arc<Snap>)> = Vec::new();
+        let mut docs: Vec<(String, Vec<u8>, &Arc<Snap>)> = Vec::new();
         for sid in ids {
             let key = snap_key(sid)?;
             let snap = cat
                 .snapshots
                 .get(key)
                 .ok_or_else(|| Error::not_found(ObjectKind::Snapshot, sid))?;
-            let name = meta::snapshot_doc(key);
-            if changed.iter().any(|(n, ..)| *n == name) {
+            if !seen.insert(key) {
                 continue;
             }
-            // Only this function and `change_holds` change a document, both under the
-            // catalog's write lock: the copy stays current until it is published below.
-            let mut next = lock(&snap.doc).clone();
-            if next.holds.insert(holder.to_owned()) {
-                let bytes = meta::encode(&next);
-                changed.push((name, bytes, snap, next));
+            // Only this function and `change_holds` change holds, both under the
+            // catalog's write lock: what is read here stays current until published.
+            let doc = lock(&snap.doc);
+            if doc.holds.contains(holder) {
+                continue;
+            }
+            match marker_for(&doc, key, holder) {
+                Some(m) => markers.push((m, snap)),
+                None => {
+                    let mut next = doc.clone();
+                    next.holds.insert(holder.to_owned());
+                    let bytes = on_disk(&next, &lock(&snap.marked));
+                    docs.push((meta::snapshot_doc(key), bytes, snap));
+                }
             }
         }
-        let docs: Vec<(&str, &[u8])> = changed
-            .iter()
-            .map(|(n, b, ..)| (n.as_str(), b.as_slice()))
-            .collect();
-        self.store
-            .write_many(&docs)
-            .map_err(io_err("writing metadata", self.store.dir()))?;
-        for (_, _, snap, next) in changed {
-            *lock(&snap.doc) = next;
+        if !docs.is_empty() {
+            let d: Vec<(&str, &[u8])> = docs
+                .iter()
+                .map(|(n, b, _)| (n.as_str(), b.as_slice()))
+                .collect();
+            self.store
+                .write_many(&d)
+                .map_err(io_err("writing metadata", self.store.dir()))?;
+            for (_, _, snap) in &docs {
+                lock(&snap.doc).holds.insert(holder.to_owned());
+            }
+        }
+        if !markers.is_empty() {
+            let names: Vec<&str> = markers.iter().map(|(m, _)| m.as_str()).collect();
+            self.store
+                .create_markers(&names)
+                .map_err(io_err("writing metadata", self.store.dir()))?;
+            for (_, snap) in &markers {
+                lock(&snap.doc).holds.insert(holder.to_owned());
+                lock(&snap.marked).insert(holder.to_owned());
+            }
         }
         Ok(())
     }
@@ -861,10 +936,15 @@ impl BtrfsBackend {
 
         let mut vol_docs = BTreeMap::new();
         let mut snap_docs = BTreeMap::new();
+        let mut markers = Vec::new();
         for name in store.list().map_err(io_err("listing", &meta_dir))? {
             let Some(kind) = meta::parse_doc_name(&name) else {
                 continue;
             };
+            if let DocName::Hold(key, holder) = kind {
+                markers.push((key, holder, name));
+                continue;
+            }
             let Some(bytes) = store
                 .read(&name)
                 .map_err(io_err("reading", &meta_dir.join(&name)))?
@@ -892,6 +972,25 @@ impl BtrfsBackend {
                         return Err(mismatch());
                     }
                     snap_docs.insert(key, d);
+                }
+                DocName::Hold(..) => unreachable!("markers are taken above"),
+            }
+        }
+        // Hold markers join their snapshots' holds. A marker of a snapshot that has no
+        // document is no hold on anything (a snapshot is removed only once unheld, and
+        // its document is durable before anyone can hold it): removed.
+        let mut marked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (key, holder, name) in markers {
+            match snap_docs.get_mut(&key) {
+                Some(d) => {
+                    d.holds.insert(holder.clone());
+                    marked.entry(key).or_default().insert(holder);
+                }
+                None => {
+                    tracing::warn!(marker = %name, "removing the hold marker of an unknown snapshot");
+                    store
+                        .remove(&name)
+                        .map_err(io_err("removing", &meta_dir.join(&name)))?;
                 }
             }
         }
@@ -936,13 +1035,11 @@ impl BtrfsBackend {
         }
         for (key, d) in snap_docs {
             let path = snapshots_dir.join(format!("{key}.img"));
-            cat.snapshots.insert(
-                key,
-                Arc::new(Snap {
-                    path,
-                    doc: Mutex::new(d),
-                }),
-            );
+            let snap = Snap::new(path, d);
+            if let Some(m) = marked.remove(&key) {
+                *lock(&snap.marked) = m;
+            }
+            cat.snapshots.insert(key, Arc::new(snap));
         }
 
         let mut seed = blake3::Hasher::new();

@@ -6,8 +6,10 @@
 //!   volumes/<volume-id>.img     sparse file, the volume's bytes; `local_path` returns it
 //!   snapshots/<key>.img         FICLONE of a volume, mode 0444, never written again
 //!   meta/volume.<id>.json       size, block size, origin, diverged bitmap   } DirStore:
-//!   meta/snapshot.<key>.json    size, block size, parent, bitmap, holds     } temp, fsync,
+//!   meta/snapshot.<key>.json    size, block size, parent, bitmap            } temp, fsync,
 //!                                                                             rename, fsync dir
+//!   meta/hold.<key>.<holder>.hold   empty: holder holds snapshot key        } created in
+//!                                                                             place, fsync dir
 //! ```
 //!
 //! ```no_run
@@ -41,15 +43,21 @@
 //! | create, clone | data file (create/`FICLONE`, fsync, fsync dir), then its document |
 //! | snapshot | fsync volume, `FICLONE` into the snapshot file (fsync, fsync dir), then its document |
 //! | remove volume / snapshot | document first, then the data file |
-//! | hold / release | rewrite the snapshot's document |
+//! | hold / release | create / remove the hold's marker document, then fsync the directory (a batch of holds: every marker, one fsync) |
 //! | flush | fsync the volume, then persist its bitmap if it grew |
 //!
 //! A data file that no document names is the unfinished half of one of these; [`build`]
-//! removes it. A document whose data file is missing or has the wrong size is kept (never
-//! silently dropped) and its volume or snapshot answers `Integrity` errors until removed.
-//! The test `tests/crash.rs` crashes a workload at every sync point (metadata and data
-//! steps alike, through [`BtrfsBuilder::crash_plan`]) and checks the reopened state
-//! against the mem model.
+//! removes it, and a hold marker of a snapshot without a document too. A document whose
+//! data file is missing or has the wrong size is kept (never silently dropped) and its
+//! volume or snapshot answers `Integrity` errors until removed. The test `tests/crash.rs`
+//! crashes a workload at every sync point (metadata and data steps alike, through
+//! [`BtrfsBuilder::crash_plan`]) and checks the reopened state against the mem model,
+//! once as a process crash and once as a power cut that loses every metadata change not
+//! yet synced (`CrashPlan::power_cut_at`).
+//!
+//! Snapshot documents are format 2: their holds are the markers. A format 1 document
+//! (written before markers) keeps its holds inside and is rewritten to change them; a
+//! build that only knows format 1 refuses a format 2 document rather than miss its holds.
 //!
 //! # The diverged bitmap
 //!

@@ -252,3 +252,75 @@ async fn full_filesystem_gives_typed_errors_and_damages_nothing() {
 fn sh_sync(p: &Path) {
     let _ = support::sh(std::process::Command::new("sync").arg("-f").arg(p));
 }
+
+/// Holds are marker documents (`meta/hold.<key>.<holder>.hold`, snapshot documents of
+/// format 2). A snapshot document of format 1, as builds before markers wrote it, keeps
+/// its holds inside: they are read, and holding or releasing it rewrites that document
+/// (no marker), across reopens. A marker whose snapshot has no document is removed at
+/// open; a document of an unknown format is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_1_snapshots_keep_their_holds_inside_and_stray_markers_go() {
+    let Some(dir) = support::fresh_dir() else {
+        return;
+    };
+    let meta = dir.path().join("meta");
+    let b = support::open(dir.path());
+    let v = vid("v");
+    b.create_volume(&v, &VolumeOptions::new(4096))
+        .await
+        .unwrap();
+    let (old, new) = (b.snapshot(&v).await.unwrap(), b.snapshot(&v).await.unwrap());
+    b.hold_snapshot(&new, "h1").await.unwrap();
+    drop(b);
+    let doc_of = |s: &SnapshotId| meta.join(format!("snapshot.{}.json", s.key()));
+    let marker_of = |s: &SnapshotId, h: &str| meta.join(format!("hold.{}.{h}.hold", s.key()));
+    assert!(marker_of(&new, "h1").exists(), "a hold is a marker");
+    let json = |s: &SnapshotId| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(doc_of(s)).unwrap()).unwrap()
+    };
+    assert_eq!(json(&new)["format"], 2);
+    assert_eq!(json(&new)["holds"], serde_json::json!([]));
+    // `old` as a build before markers left it: format 1, one hold inside.
+    let mut d = json(&old);
+    d["format"] = 1.into();
+    d["holds"] = serde_json::json!(["legacy"]);
+    std::fs::write(doc_of(&old), serde_json::to_vec(&d).unwrap()).unwrap();
+    // A marker of a snapshot that does not exist.
+    let stray = meta.join("hold.s1-0000.ghost.hold");
+    std::fs::write(&stray, b"").unwrap();
+
+    let b = support::open(dir.path());
+    assert!(!stray.exists(), "the stray marker is removed at open");
+    let holds = |b: BtrfsBackend, s: SnapshotId| async move {
+        let h = b.stat_snapshot(&s).await.unwrap().holds;
+        (b, h)
+    };
+    let (b, h) = holds(b, old.clone()).await;
+    assert_eq!(h, ["legacy"]);
+    b.hold_snapshots(&[old.clone(), new.clone()], "h2")
+        .await
+        .unwrap();
+    assert!(!marker_of(&old, "h2").exists(), "format 1: no marker");
+    assert_eq!(json(&old)["holds"], serde_json::json!(["h2", "legacy"]));
+    assert!(marker_of(&new, "h2").exists());
+    assert_kind(b.remove_snapshot(&old).await, ErrorKind::InUse);
+    drop(b);
+    let b = support::open(dir.path());
+    let (b, h) = holds(b, old.clone()).await;
+    assert_eq!(h, ["h2", "legacy"]);
+    let (b, h) = holds(b, new.clone()).await;
+    assert_eq!(h, ["h1", "h2"]);
+    for (s, h) in [(&old, "h2"), (&old, "legacy"), (&new, "h1"), (&new, "h2")] {
+        b.release_snapshot(s, h).await.unwrap();
+    }
+    assert_eq!(json(&old)["holds"], serde_json::json!([]));
+    assert!(!marker_of(&new, "h1").exists() && !marker_of(&new, "h2").exists());
+    b.remove_snapshot(&old).await.unwrap();
+    b.remove_snapshot(&new).await.unwrap();
+    let s = b.snapshot(&v).await.unwrap();
+    drop(b);
+    let mut d = json(&s);
+    d["format"] = 3.into();
+    std::fs::write(doc_of(&s), serde_json::to_vec(&d).unwrap()).unwrap();
+    assert_kind(build(dir.path()), ErrorKind::Integrity);
+}

@@ -355,10 +355,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Holds every snapshot of `ids` for `holder`: by default
     /// [`hold_snapshot`](Self::hold_snapshot) on each in turn. A backend that can make
     /// several holds durable with fewer syncs overrides it (a lazy layer holds its data
-    /// snapshot and its Merkle tree snapshot at once). Each hold is all-or-nothing, the
-    /// batch is not: after an error or a crash some of the holds may be in place, so a
-    /// caller that needs all or none releases them again (as after a failed
-    /// `hold_snapshot`).
+    /// snapshot and its Merkle tree snapshot at once); a wrapper passes the batch on as one
+    /// call (`slacker-core/tests/wrappers.rs`). Each hold is all-or-nothing, the batch is
+    /// not: after an error or a crash some of the holds may be in place, so a caller that
+    /// needs all or none releases them again (as after a failed `hold_snapshot`).
     ///
     /// # Errors
     /// As [`hold_snapshot`](Self::hold_snapshot), for the first snapshot that fails.

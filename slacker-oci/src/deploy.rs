@@ -178,7 +178,9 @@ impl RegistryClient {
         image: &str,
         options: &DeployOptions,
     ) -> Result<PulledImage> {
+        let t = std::time::Instant::now();
         let m = self.image_manifest(image).await?;
+        tracing::debug!(target: "slacker_oci::timing", step = "manifest", image, us = t.elapsed().as_micros() as u64);
         if !options.use_trace {
             let pull = self.pull_manifested(store, image, m).await?;
             return Ok(PulledImage {
@@ -189,9 +191,18 @@ impl RegistryClient {
         }
         let subject = m.digest.clone();
         let (pull, trace) = tokio::join!(
-            self.pull_manifested(store, image, m),
-            self.pull_trace(image, &subject)
+            async {
+                let r = self.pull_manifested(store, image, m).await;
+                tracing::debug!(target: "slacker_oci::timing", step = "pull_manifested done", image, us = t.elapsed().as_micros() as u64);
+                r
+            },
+            async {
+                let r = self.pull_trace(image, &subject).await;
+                tracing::debug!(target: "slacker_oci::timing", step = "pull_trace done", image, us = t.elapsed().as_micros() as u64);
+                r
+            }
         );
+        tracing::debug!(target: "slacker_oci::timing", step = "pull_with_trace", image, us = t.elapsed().as_micros() as u64);
         let pull = pull?;
         let (trace, outcome) = match trace {
             Ok(None) => (None, TraceOutcome::Absent),

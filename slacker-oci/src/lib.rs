@@ -1327,8 +1327,11 @@ impl RegistryClient {
     /// for registry failures.
     pub async fn pull_manifest(&self, image: &str, want: &str) -> Result<PulledManifest> {
         let r = parse_ref(image)?;
+        let t = std::time::Instant::now();
         let auth = self.prepare(&r).await?;
+        tracing::debug!(target: "slacker_oci::timing", step = "credentials", image, us = t.elapsed().as_micros() as u64);
         let (body, digest) = self.manifest_raw(&r, &auth).await?;
+        tracing::debug!(target: "slacker_oci::timing", step = "manifest GET", image, us = t.elapsed().as_micros() as u64);
         let mut bytes = body.len() as u64;
         let probe: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| Error::invalid(format!("manifest of {image}: {e}")))?;
@@ -1468,8 +1471,12 @@ impl RegistryClient {
         store: &LayerStore<B>,
         image: &str,
     ) -> Result<PullReport> {
+        let t = std::time::Instant::now();
         let m = self.image_manifest(image).await?;
-        self.pull_manifested(store, image, m).await
+        tracing::debug!(target: "slacker_oci::timing", step = "manifest", image, us = t.elapsed().as_micros() as u64);
+        let r = self.pull_manifested(store, image, m).await;
+        tracing::debug!(target: "slacker_oci::timing", step = "pull_image", image, us = t.elapsed().as_micros() as u64);
+        r
     }
 
     /// The manifest [`pull_image`](Self::pull_image) uses: the slacker entry of an index,
@@ -1593,14 +1600,14 @@ impl RegistryClient {
             let (transferred, kind, losses) = match blobs.remove(&i) {
                 None => (false, store.layer(&id).await?.kind, Vec::new()),
                 Some(blob) => {
+                    let t = std::time::Instant::now();
                     let applied = match blob {
                         Blob::Memory(data) => {
-                            store
-                                .apply_diff(&id, parent.as_deref(), std::io::Cursor::new(data))
-                                .await?
+                            store.apply_diff_bytes(&id, parent.as_deref(), data).await?
                         }
                         Blob::File(f) => store.apply_diff(&id, parent.as_deref(), f).await?,
                     };
+                    tracing::debug!(target: "slacker_oci::timing", step = "apply_diff", layer = %id, us = t.elapsed().as_micros() as u64);
                     (true, applied.kind, applied.losses)
                 }
             };

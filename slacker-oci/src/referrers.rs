@@ -465,20 +465,25 @@ impl RegistryClient {
             r.repository()
         );
         let tagged = with_tag(r, &fallback_tag(subject_digest));
+        let t = std::time::Instant::now();
         let api = async {
-            match self.get_ok(&url, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)).await {
+            let r = match self.get_ok(&url, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)).await {
                 Ok(resp) => read_capped(resp, MAX_MANIFEST_BYTES, &url).await.map(Some),
                 // No referrers API (distribution 2.8).
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
-            }
+            };
+            tracing::debug!(target: "slacker_oci::timing", step = "referrers API", us = t.elapsed().as_micros() as u64);
+            r
         };
         let fallback = async {
-            match self.manifest_raw(&tagged, auth).await {
+            let r = match self.manifest_raw(&tagged, auth).await {
                 Ok((body, _)) => Ok(Some(body)),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
-            }
+            };
+            tracing::debug!(target: "slacker_oci::timing", step = "referrers fallback tag", us = t.elapsed().as_micros() as u64);
+            r
         };
         let (api, fallback) = tokio::join!(api, fallback);
         let body = match api? {

@@ -145,6 +145,9 @@ impl<B: Backend> Backend for Wire<B> {
     async fn release_snapshot(&self, id: &SnapshotId, holder: &str) -> Result<()> {
         self.inner.release_snapshot(id, holder).await
     }
+    async fn hold_snapshots(&self, ids: &[SnapshotId], holder: &str) -> Result<()> {
+        self.inner.hold_snapshots(ids, holder).await
+    }
     async fn local_path(&self, id: &VolumeId) -> Result<PathBuf> {
         self.inner.local_path(id).await
     }

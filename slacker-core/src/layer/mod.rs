@@ -47,6 +47,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::Poll;
 
 use serde::{Deserialize, Serialize};
 
@@ -354,6 +355,12 @@ fn doc_name(id: &str) -> String {
     format!("layer.{id}.json")
 }
 
+/// Whether a record that does not parse is what a crash leaves of one written in place:
+/// empty, all zero bytes, or a prefix of a record (the JSON ends early).
+fn torn(bytes: &[u8], e: &serde_json::Error) -> bool {
+    bytes.iter().all(|&b| b == 0) || e.classify() == serde_json::error::Category::Eof
+}
+
 fn meta_error(e: std::io::Error) -> Error {
     Error::backend("layer-meta", e)
 }
@@ -371,6 +378,35 @@ fn ignore_not_found(r: Result<()>) -> Result<()> {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(join_error)?
+}
+
+/// Runs two futures concurrently until both are done (tokio's `join!` without its
+/// `macros` feature).
+async fn join2<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (
+        ra.expect("polled to completion"),
+        rb.expect("polled to completion"),
+    )
 }
 
 /// A traditional layer read, unpacked and built into an ext4 image file.
@@ -440,8 +476,18 @@ impl<B: Backend> LayerStore<B> {
                     continue;
                 }
                 let bytes = meta.read(&doc).map_err(meta_error)?.unwrap_or_default();
-                let r: Record = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Integrity(format!("layer record {doc}: {e}")))?;
+                let r: Record = match serde_json::from_slice(&bytes) {
+                    Ok(r) => r,
+                    // The first record of a create is written in place
+                    // (`MetaStore::create`), before the backend is touched: a crash can
+                    // leave it empty, zero-filled or cut short. Nothing was done yet.
+                    Err(e) if torn(&bytes, &e) => {
+                        tracing::info!(record = %doc, "removing the torn record of a create a crash interrupted");
+                        meta.remove(&doc).map_err(meta_error)?;
+                        continue;
+                    }
+                    Err(e) => return Err(Error::Integrity(format!("layer record {doc}: {e}"))),
+                };
                 if doc != doc_name(&r.id) || r.version != RECORD_VERSION {
                     return Err(Error::Integrity(format!(
                         "layer record {doc} names layer {:?} (version {})",
@@ -531,10 +577,30 @@ impl<B: Backend> LayerStore<B> {
     /// Writes a record durably; on failure the store is poisoned (what is on disk is
     /// unknown until a reopen recovers it).
     async fn write_record(&self, inner: &mut Inner, rec: &Record) -> Result<()> {
+        self.put_record(inner, rec, false).await
+    }
+
+    /// Writes the first record of a layer being created (`Pending::Create`): in place
+    /// ([`MetaStore::create`]: no temporary file or rename), since a crash that tears it
+    /// happened before the backend was touched and `open` drops a torn record.
+    async fn create_record(&self, inner: &mut Inner, rec: &Record) -> Result<()> {
+        debug_assert_eq!(rec.pending, Some(Pending::Create));
+        self.put_record(inner, rec, true).await
+    }
+
+    async fn put_record(&self, inner: &mut Inner, rec: &Record, new: bool) -> Result<()> {
         let meta = self.meta.clone();
         let name = doc_name(&rec.id);
         let bytes = serde_json::to_vec(rec).expect("a record always serializes");
-        let r = blocking(move || meta.write(&name, &bytes).map_err(meta_error)).await;
+        let r = blocking(move || {
+            if new {
+                meta.create(&name, &bytes)
+            } else {
+                meta.write(&name, &bytes)
+            }
+            .map_err(meta_error)
+        })
+        .await;
         match r {
             Ok(()) => {
                 inner.layers.insert(rec.id.clone(), rec.clone());
@@ -601,7 +667,9 @@ impl<B: Backend> LayerStore<B> {
         match rec.pending.clone() {
             None => Ok(()),
             Some(Pending::Create) | Some(Pending::Remove) => {
-                if rec.volume || rec.pending == Some(Pending::Create) {
+                // Every create that makes a volume records `volume: true` first; a lazy
+                // create makes none, and a volume of its name is not its own.
+                if rec.volume {
                     ignore_not_found(self.backend.remove_volume(&vol).await)?;
                 }
                 if let Some(m) = &rec.merkle {
@@ -758,7 +826,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: None,
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let made = match &origin {
             Some((snap, _)) => self.backend.clone_snapshot(snap, &vol).await,
             None => {
@@ -1024,16 +1092,55 @@ impl<B: Backend> LayerStore<B> {
         parent: Option<&str>,
         layer: R,
     ) -> Result<AppliedLayer> {
-        let origin = {
-            let inner = self.inner.lock().await;
-            self.check(&inner)?;
-            self.absent(&inner, id)?;
-            match parent {
-                Some(p) => Some(self.parent_snapshot(&inner, p)?),
-                None => None,
-            }
-        };
+        let origin = self.before_apply(id, parent).await?;
+        let t = std::time::Instant::now();
         let sniffed = blocking(move || sniff(layer)).await?;
+        tracing::debug!(target: "slacker_core::timing", step = "sniff", layer = id, us = t.elapsed().as_micros() as u64);
+        self.apply_sniffed(id, parent, origin, sniffed).await
+    }
+
+    /// [`apply_diff`](Self::apply_diff) of a layer already in memory (as a registry client
+    /// holds a small blob): the first bytes are looked at, and a reference layer decoded,
+    /// on the calling task, without the hand-off to a blocking thread that a stream needs
+    /// (it would cost more than reading 2 KiB). Anything else is applied as `apply_diff`
+    /// does.
+    ///
+    /// # Errors
+    /// As [`apply_diff`](Self::apply_diff).
+    pub async fn apply_diff_bytes(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        layer: Vec<u8>,
+    ) -> Result<AppliedLayer> {
+        let origin = self.before_apply(id, parent).await?;
+        let sniffed = sniff(std::io::Cursor::new(layer))?;
+        self.apply_sniffed(id, parent, origin, sniffed).await
+    }
+
+    /// The checks before a layer is read: the store works, `id` is free, the parent has a
+    /// snapshot (returned with its size).
+    async fn before_apply(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+    ) -> Result<Option<(SnapshotId, u64)>> {
+        let inner = self.inner.lock().await;
+        self.check(&inner)?;
+        self.absent(&inner, id)?;
+        match parent {
+            Some(p) => Ok(Some(self.parent_snapshot(&inner, p)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn apply_sniffed(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        origin: Option<(SnapshotId, u64)>,
+        sniffed: Sniffed,
+    ) -> Result<AppliedLayer> {
         match sniffed {
             Sniffed::Reference(r) => self.apply_reference(id, parent, r).await,
             Sniffed::Traditional(stream) => {
@@ -1058,16 +1165,14 @@ impl<B: Backend> LayerStore<B> {
         parent: Option<&str>,
         r: Reference,
     ) -> Result<AppliedLayer> {
-        let stat = self.backend.stat_snapshot(&r.snapshot).await?;
-        r.verify(&stat)?;
+        let t0 = std::time::Instant::now();
+        let vol = self.volume_id(id)?;
         let mut inner = self.inner.lock().await;
         self.check(&inner)?;
         self.absent(&inner, id)?;
         if let Some(p) = parent {
             self.parent_snapshot(&inner, p)?;
         }
-        let vol = self.volume_id(id)?;
-        self.volume_must_be_free(&vol).await?;
         let mut rec = Record {
             version: RECORD_VERSION,
             id: id.to_owned(),
@@ -1079,7 +1184,31 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: r.merkle.clone(),
         };
-        self.write_record(&mut inner, &rec).await?;
+        // The pending record is written while the backend is asked about the snapshot (its
+        // stat, to verify the reference) and the layer's volume name (must be free), both
+        // at once: one round trip to remote storage, hidden behind the record's syncs. A
+        // pending create with no holds is rolled back by a reopen, so the record may well
+        // come first; a refused reference takes it out again (and a crash before that
+        // leaves a stray volume of this name alone: `recover` removes only volumes a
+        // record says it made).
+        let checks = async {
+            let (stat, free) = join2(
+                self.backend.stat_snapshot(&r.snapshot),
+                self.volume_must_be_free(&vol),
+            )
+            .await;
+            r.verify(&stat?)?;
+            free
+        };
+        let (written, checked) = join2(self.create_record(&mut inner, &rec), checks).await;
+        written?;
+        let t_record = t0.elapsed();
+        if let Err(e) = checked {
+            if let Err(d) = self.delete_record(&mut inner, id).await {
+                tracing::error!(store = %self.options.name, layer = %id, error = %d, "removing the record of a refused reference failed: the store refuses work until reopened");
+            }
+            return Err(e);
+        }
         // The data snapshot and the Merkle tree snapshot in one batch: one durable write
         // where the backend can (btrfs: one directory sync for both documents).
         let held: Vec<SnapshotId> = std::iter::once(r.snapshot.clone())
@@ -1088,6 +1217,14 @@ impl<B: Backend> LayerStore<B> {
         if let Err(e) = self.backend.hold_snapshots(&held, &self.key(id)).await {
             return Err(self.abort(&mut inner, rec, e).await);
         }
+        let t_holds = t0.elapsed();
+        tracing::debug!(
+            target: "slacker_core::timing",
+            step = "apply_reference",
+            layer = id,
+            record_and_stats_us = t_record.as_micros() as u64,
+            holds_us = (t_holds - t_record).as_micros() as u64,
+        );
         // The holds are the commit point: the record stays `Pending::Create` on disk and
         // recovery rolls a lazy create whose holds are all in place forward (`recover`),
         // so a pull writes the record once instead of twice (two fsyncs fewer).
@@ -1241,7 +1378,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: None,
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let made = async {
             match &origin {
                 Some((snap, _)) => self.backend.clone_snapshot(snap, &vol).await?,
@@ -1357,7 +1494,7 @@ impl<B: Backend> LayerStore<B> {
             pending: Some(Pending::Create),
             merkle: None,
         };
-        self.write_record(&mut inner, &rec).await?;
+        self.create_record(&mut inner, &rec).await?;
         let filled = self
             .fill_mounted(
                 &vol,
