@@ -222,6 +222,15 @@ struct Held {
     fd: OwnedFd,
 }
 
+/// The error of an IO step `what` on the keeper at `socket`, for `map_err`.
+fn io_err<'a>(socket: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> KeeperError + 'a {
+    move |e| KeeperError::Io {
+        socket: socket.to_owned(),
+        what,
+        source: e,
+    }
+}
+
 /// Runs the keeper on `socket` (what `slacker-snapshotter --fd-keeper SOCKET` does, after
 /// [`detach`]): returns when it exits (see the [module docs](self)), after 2 s if another
 /// keeper holds the socket's lock.
@@ -229,19 +238,12 @@ struct Held {
 /// # Errors
 /// The lock, socket or poll failing.
 pub fn run(socket: &Path) -> Result<(), KeeperError> {
-    let io_err = |what: &'static str| {
-        move |e: io::Error| KeeperError::Io {
-            socket: socket.to_owned(),
-            what,
-            source: e,
-        }
-    };
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(lock_path(socket))
-        .map_err(io_err("opening the lock file"))?;
+        .map_err(io_err(socket, "opening the lock file"))?;
     let t = Instant::now();
     loop {
         match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
@@ -253,13 +255,13 @@ pub fn run(socket: &Path) -> Result<(), KeeperError> {
                 tracing::info!(socket = %socket.display(), "another fd keeper serves this socket");
                 return Ok(());
             }
-            Err(e) => return Err(io_err("locking")(e.into())),
+            Err(e) => return Err(io_err(socket, "locking")(e.into())),
         }
     }
     // Nobody listens on a socket file left behind: the lock says its keeper is gone.
     match std::fs::remove_file(socket) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(io_err("removing a stale socket file")(e));
+            return Err(io_err(socket, "removing a stale socket file")(e));
         }
         _ => {}
     }
@@ -269,15 +271,15 @@ pub fn run(socket: &Path) -> Result<(), KeeperError> {
         SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )
-    .map_err(|e| io_err("socket")(e.into()))?;
-    let addr = unix_addr(socket).map_err(io_err("the socket path"))?;
-    rustix::net::bind(&listener, &addr).map_err(|e| io_err("bind")(e.into()))?;
+    .map_err(|e| io_err(socket, "socket")(e.into()))?;
+    let addr = unix_addr(socket).map_err(io_err(socket, "the socket path"))?;
+    rustix::net::bind(&listener, &addr).map_err(|e| io_err(socket, "bind")(e.into()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("chmod 0600 of the socket"))?;
+            .map_err(io_err(socket, "chmod 0600 of the socket"))?;
     }
-    rustix::net::listen(&listener, 64).map_err(|e| io_err("listen")(e.into()))?;
+    rustix::net::listen(&listener, 64).map_err(|e| io_err(socket, "listen")(e.into()))?;
     tracing::info!(socket = %socket.display(), pid = std::process::id(), "fd keeper serving");
     let r = serve(socket, &listener);
     // Only the lock holder removes the file, so no newer keeper's socket goes.
@@ -439,28 +441,21 @@ impl KeeperClient {
     /// # Errors
     /// No keeper listens there (`ENOENT`, `ECONNREFUSED`), or the socket calls fail.
     pub fn connect(socket: &Path) -> Result<Self, KeeperError> {
-        let io_err = |what: &'static str| {
-            move |e: io::Error| KeeperError::Io {
-                socket: socket.to_owned(),
-                what,
-                source: e,
-            }
-        };
         let sock = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC,
             None,
         )
-        .map_err(|e| io_err("socket")(e.into()))?;
-        let addr = unix_addr(socket).map_err(io_err("the socket path"))?;
-        rustix::net::connect(&sock, &addr).map_err(|e| io_err("connect")(e.into()))?;
+        .map_err(|e| io_err(socket, "socket")(e.into()))?;
+        let addr = unix_addr(socket).map_err(io_err(socket, "the socket path"))?;
+        rustix::net::connect(&sock, &addr).map_err(|e| io_err(socket, "connect")(e.into()))?;
         for dir in [
             rustix::net::sockopt::Timeout::Send,
             rustix::net::sockopt::Timeout::Recv,
         ] {
             rustix::net::sockopt::set_socket_timeout(&sock, dir, Some(CALL_TIMEOUT))
-                .map_err(|e| io_err("socket timeout")(e.into()))?;
+                .map_err(|e| io_err(socket, "socket timeout")(e.into()))?;
         }
         Ok(Self {
             socket: socket.to_owned(),
@@ -478,18 +473,11 @@ impl KeeperClient {
         if let Ok(c) = Self::connect(socket) {
             return Ok(c);
         }
-        let io_err = |what: &'static str| {
-            move |e: io::Error| KeeperError::Io {
-                socket: socket.to_owned(),
-                what,
-                source: e,
-            }
-        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log_path(socket))
-            .map_err(io_err("opening the keeper's log"))?;
+            .map_err(io_err(socket, "opening the keeper's log"))?;
         let mut child = Command::new(program)
             .arg(FLAG)
             .arg(socket)
@@ -497,7 +485,7 @@ impl KeeperClient {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(io_err("starting the keeper"))?;
+            .map_err(io_err(socket, "starting the keeper"))?;
         tracing::info!(socket = %socket.display(), pid = child.id(), "started an fd keeper");
         let t = Instant::now();
         let result = loop {
@@ -520,7 +508,7 @@ impl KeeperClient {
             .spawn(move || {
                 let _ = child.wait();
             })
-            .map_err(io_err("a thread to reap the keeper"))?;
+            .map_err(io_err(socket, "a thread to reap the keeper"))?;
         result
     }
 

@@ -41,19 +41,6 @@ fn mount(src: &str, dir: &std::path::Path) {
     .unwrap();
 }
 
-/// Deterministic bytes for file `seed`.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// `dd` with O_DIRECT on the side(s) on the mount (no page cache: the blocks go through
 /// the loop device and FUSE), as a child to wait for with a deadline.
 fn dd(from: &Path, to: &Path, direct: &str) -> Child {
@@ -112,7 +99,7 @@ fn kill_9_on_nfs_a_mount_made_before_keeps_reading_and_writing() {
     // Local copies of what goes onto the mount.
     let local = |name: &str, seed: u64, len: usize| {
         let p = dir.path().join(name);
-        std::fs::write(&p, pattern(seed, len)).unwrap();
+        std::fs::write(&p, slacker_testkit::checks::noise(len, seed)).unwrap();
         p
     };
     let big = local("big.expected", 1, 64 << 20);
